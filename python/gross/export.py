@@ -1,0 +1,62 @@
+"""Export one configuration of a series model as plain PyTorch, a torch.export program or ONNX."""
+import copy
+import os
+import tempfile
+
+import torch
+
+from gross.config import series_layers, set_config
+
+
+def to_plain(model, config=None):
+    """A copy of `model` at `config` where every SeriesConv2d is its `export()` (three nn.Conv2d).
+
+    The copy computes the same function as `model` at that configuration and needs only
+    torch (no gross_kernels op) to run; `model` itself is left untouched.
+    """
+    plain = copy.deepcopy(model)
+    if config is not None:
+        set_config(plain, config)
+    for name, layer in series_layers(plain).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = plain.get_submodule(parent_name) if parent_name else plain
+        setattr(parent, child, layer.export())
+    return plain
+
+
+def save(module, path):
+    """`torch.save` the whole module to `path` atomically (a crash leaves the old file or none)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(module, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load(path, map_location="cpu"):
+    """Load a module written by `save` (a full pickled module, so only from trusted files)."""
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def export_program(module, example_input):
+    """`torch.export.export` of `module` in eval mode on one example input."""
+    return torch.export.export(module.eval(), (example_input,))
+
+
+def export_onnx(module, example_input, path):
+    """ONNX file of `module` in eval mode (needs the `onnx` and `onnxscript` packages)."""
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(f"ONNX export needs the onnx and onnxscript packages ({err}); "
+                           f"pip install onnx onnxscript") from err
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.onnx.export(module.eval(), (example_input,), path, external_data=False)
+    return path

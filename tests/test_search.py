@@ -1,0 +1,119 @@
+"""Search: known answers on a toy space, exhaustive vs bfs, budget errors, resuming, real model evaluation."""
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from gross import search
+
+SPACE = {"a": (1, 2, 4, 8), "b": (1, 2, 4), "c": (2, 4, 8, 16)}
+WEIGHT = {"a": 30, "b": 70, "c": 11}
+GAIN = {"a": 0.05, "b": 0.17, "c": 0.031}
+
+
+def toy_macs(config):
+    return 1000 + sum(WEIGHT[n] * g for n, g in config.items())
+
+
+def toy_accuracy(config):
+    # Monotone in every group size, with layer-specific gains so there are no ties.
+    return 0.3 + sum(GAIN[n] * math.log2(g) for n, g in config.items())
+
+
+class CountingScore:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, configs):
+        self.calls.append(len(configs))
+        return [toy_accuracy(c) for c in configs]
+
+
+def all_configs():
+    names = list(SPACE)
+    return [dict(zip(names, p)) for p in itertools.product(*SPACE.values())]
+
+
+@pytest.mark.parametrize("budget", [None, 1400, 1500, 1800])
+def test_exhaustive_finds_the_known_best(budget):
+    within = [c for c in all_configs() if budget is None or toy_macs(c) <= budget]
+    expected = max(within, key=toy_accuracy)
+    score = CountingScore()
+    result = search.exhaustive_space(SPACE, score, toy_macs, budget, chunk=5, progress=False)
+    assert result.best.config == expected
+    assert len(result.ranked) == len(within) == sum(score.calls)
+    assert max(score.calls) <= 5
+    assert [e.accuracy for e in result.ranked] == sorted((e.accuracy for e in result.ranked), reverse=True)
+    assert all(e.macs == toy_macs(e.config) for e in result.ranked)
+
+
+@pytest.mark.parametrize("budget", [1400, 1500, 1800, 2100])
+def test_bfs_agrees_with_exhaustive(budget):
+    best = search.exhaustive_space(SPACE, CountingScore(), toy_macs, budget, progress=False).best
+    wide = search.bfs_space(SPACE, CountingScore(), toy_macs, budget, beam=1000, progress=False)
+    assert wide.best.config == best.config
+    greedy_score = CountingScore()
+    greedy = search.bfs_space(SPACE, greedy_score, toy_macs, budget, beam=1, progress=False)
+    assert sum(greedy_score.calls) < len(all_configs())
+    assert all(e.macs <= budget for e in greedy.ranked)
+    assert greedy.best.accuracy <= best.accuracy
+
+
+def test_bfs_without_budget_reaches_the_smallest_configuration():
+    result = search.bfs_space(SPACE, CountingScore(), toy_macs, None, beam=2, progress=False)
+    assert {n: s[0] for n, s in SPACE.items()} in [e.config for e in result.evaluated]
+    assert len({search._key(e.config) for e in result.evaluated}) == len(result.evaluated)
+
+
+def test_pareto_front_is_the_non_dominated_set():
+    entries = [search.Entry(c, toy_macs(c), toy_accuracy(c)) for c in all_configs()]
+    front = search.pareto_front(entries)
+    for e in entries:
+        dominated = any(f.macs <= e.macs and f.accuracy > e.accuracy for f in entries)
+        assert (e in front) == (not dominated)
+    assert [f.macs for f in front] == sorted(f.macs for f in front)
+
+
+@pytest.mark.parametrize("strategy", [search.exhaustive_space, search.bfs_space])
+def test_budget_below_smallest_configuration_is_a_clear_error(strategy):
+    smallest = toy_macs({n: s[0] for n, s in SPACE.items()})
+    with pytest.raises(ValueError, match="below the smallest configuration"):
+        strategy(SPACE, CountingScore(), toy_macs, smallest - 1, progress=False)
+    with pytest.raises(ValueError, match="budget_macs"):
+        strategy(SPACE, CountingScore(), toy_macs, -5, progress=False)
+
+
+@pytest.mark.parametrize("strategy", [search.exhaustive_space, search.bfs_space])
+def test_rerun_resumes_from_the_results_file(tmp_path, strategy):
+    path = tmp_path / "results.jsonl"
+    first = strategy(SPACE, CountingScore(), toy_macs, 1800, results=str(path), chunk=4, progress=False)
+
+    def must_not_run(configs):
+        raise AssertionError("a resumed search re-evaluated a configuration")
+
+    again = strategy(SPACE, must_not_run, toy_macs, 1800, results=str(path), progress=False)
+    assert [e.to_json() for e in again.ranked] == [e.to_json() for e in first.ranked]
+
+    # A crash mid-write leaves a torn last line: only that configuration is evaluated again.
+    text = path.read_text()
+    path.write_text(text[:-7])
+    score = CountingScore()
+    resumed = strategy(SPACE, score, toy_macs, 1800, results=str(path), progress=False)
+    assert sum(score.calls) == 1
+    assert [e.to_json() for e in resumed.ranked] == [e.to_json() for e in first.ranked]
+    assert all(json.loads(line) for line in path.read_text().splitlines())
+
+
+def test_results_file_of_another_space_is_refused(tmp_path):
+    path = str(tmp_path / "r.jsonl")
+    search.exhaustive_space(SPACE, CountingScore(), toy_macs, None, results=path, progress=False)
+    other = dict(SPACE, b=(2, 4))
+    with pytest.raises(ValueError, match="another search space"):
+        search.exhaustive_space(other, CountingScore(), toy_macs, None, results=path, progress=False)
+
+
+def test_bad_beam_is_refused():
+    with pytest.raises(ValueError, match="beam"):
+        search.bfs_space(SPACE, CountingScore(), toy_macs, None, beam=0, progress=False)
