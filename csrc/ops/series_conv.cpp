@@ -1,5 +1,13 @@
 // Schemas of the kernel-level series ops; device implementations live in cpu/ and cuda/.
+#include <Python.h>
 #include <torch/library.h>
+
+// `import gross_kernels._C` loads this library, which runs the registrations below; the Python
+// module itself is empty.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
 
 TORCH_LIBRARY(gross, m) {
   // z = sum over active terms i (g_i <= group_size) of conv2d(x, cores[i], groups = S / g_i).
