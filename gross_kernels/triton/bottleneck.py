@@ -1,0 +1,177 @@
+"""Decomposed layer (1×1 A → series core → 1×1 C + bias) in Triton: one fused launch where it fits, else separate kernels.
+
+Fit rule (`fits_on_chip`): the fused forward keeps, per program of BM output pixels, the tile
+u = A·x (BM × S), the core accumulator z (BM × T) and one S × T core tap on chip, with S and T
+padded to powers of two ≥ 16. It runs when both padded widths are ≤ 128 and the kernel has at
+most 49 taps; otherwise the layer runs as three series-kernel launches (the 1×1 convolutions are
+series kernels with one dense term, i.e. matrix multiplies) with u and z in memory.
+
+Inside the fused kernel the core is applied as one block-diagonal S × T matrix per tap, built on
+the fly from the active terms (zeros off the blocks), so small group sizes spend extra tensor-core
+work to keep every tile ≥ 16 wide. u is recomputed for each tap from x instead of being written
+out with a halo: x at a padded position loads as 0 and A has no bias, so u is exactly 0 there.
+The backward pass runs as separate kernels (recompute u and z, then five GEMM-shaped kernels).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import series
+from ._common import (check_index_range, configs, dot_precision, pack_terms, series_weight,
+                      tune_bench)
+
+MAX_FUSED_WIDTH = 128
+
+
+def _padded(width):
+    return max(16, triton.next_power_of_2(width))
+
+
+def fits_on_chip(C_in, S, T, C_out, kernel_size):
+    """True where the fused one-launch forward applies (see the module docstring)."""
+    kh, kw = kernel_size
+    return _padded(S) <= MAX_FUSED_WIDTH and _padded(T) <= MAX_FUSED_WIDTH and kh * kw <= 49
+
+
+def _fused_configs():
+    choices = [(16, 16, 32, 4, 2), (32, 32, 32, 4, 2), (64, 32, 64, 4, 2), (64, 64, 64, 8, 2),
+               (128, 32, 32, 8, 2), (32, 16, 16, 4, 1)]
+    return configs([triton.Config({"BM": m, "BCI": ci, "BCO": co}, num_warps=w, num_stages=s)
+                    for m, ci, co, w, s in choices])
+
+
+@triton.autotune(configs=_fused_configs(), key=["N", "H", "W", "CI", "S", "T", "CO", "G", "NT"],
+                 do_bench=tune_bench)
+@triton.jit
+def _fused_forward_kernel(x_ptr, a_ptr, c_ptr, b_ptr, y_ptr,
+                          w0, w1, w2, w3, w4, w5, w6, w7, g0, g1, g2, g3, g4, g5, g6, g7,
+                          N, H, W, Ho, Wo, CI, S, T, CO, G,
+                          sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+                          sh, sw, ph, pw, dh, dw,
+                          NT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+                          SP: tl.constexpr, TP: tl.constexpr,
+                          BM: tl.constexpr, BCI: tl.constexpr, BCO: tl.constexpr):
+    """y = C · core(A · x) + bias for BM output pixels, u and z never leaving the chip."""
+    m = tl.program_id(0) * BM + tl.arange(0, BM)
+    m_ok = m < N * Ho * Wo
+    n = m // (Ho * Wo)
+    r = m % (Ho * Wo)
+    ho = r // Wo
+    wo = r % Wo
+    s_idx = tl.arange(0, SP)
+    s_ok = s_idx < S
+    t_idx = tl.arange(0, TP)
+    t_ok = t_idx < T
+    x_row = x_ptr + n.to(tl.int64) * sxn
+    z = tl.zeros((BM, TP), tl.float32)
+    for kh in tl.static_range(KH):
+        for kw in tl.static_range(KW):
+            hi = ho * sh - ph + kh * dh
+            wi = wo * sw - pw + kw * dw
+            pix_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            pix = x_row + hi * sxh + wi * sxw
+            u = tl.zeros((BM, SP), tl.float32)
+            for c0 in range(0, CI, BCI):
+                ci = c0 + tl.arange(0, BCI)
+                ci_ok = ci < CI
+                xt = tl.load(pix[:, None] + ci[None, :] * sxc,
+                             mask=pix_ok[:, None] & ci_ok[None, :], other=0.0)
+                at = tl.load(a_ptr + s_idx[None, :] * CI + ci[:, None],
+                             mask=ci_ok[:, None] & s_ok[None, :], other=0.0)
+                u = tl.dot(xt, at, u, input_precision=PREC)
+            # Round u to the input dtype, as a three-kernel pipeline storing u would.
+            u_t = u.to(x_ptr.dtype.element_ty)
+            wt = series_weight(w0, w1, w2, w3, w4, w5, w6, w7, g0, g1, g2, g3, g4, g5, g6, g7,
+                               t_idx[None, :], s_idx[:, None], kh * KW + kw, T, S,
+                               s_ok[:, None] & t_ok[None, :], NT, KH * KW)
+            z = tl.dot(u_t, wt.to(u_t.dtype), z, input_precision=PREC)
+    z_t = z.to(x_ptr.dtype.element_ty)
+    y_row = n.to(tl.int64) * syn + ho * syh + wo * syw
+    for o0 in range(0, CO, BCO):
+        co = o0 + tl.arange(0, BCO)
+        co_ok = co < CO
+        ct = tl.load(c_ptr + co[None, :] * T + t_idx[:, None],
+                     mask=t_ok[:, None] & co_ok[None, :], other=0.0)
+        y = tl.dot(z_t, ct, input_precision=PREC)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + y_row[:, None] + co[None, :] * syc, y.to(y_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & co_ok[None, :])
+
+
+_UNIT = ((1, 1), (0, 0), (1, 1))  # stride, padding, dilation of a 1×1 convolution
+
+
+def _pointwise(x, weight, bias=None):
+    """A 1×1 convolution as the series kernel with one dense term (a matrix multiply)."""
+    c_in = x.shape[1]
+    return series.forward(x, [weight], (c_in,), c_in, *_UNIT, bias=bias)
+
+
+def _pointwise_input_grad(grad_out, weight, x_shape):
+    c_in = x_shape[1]
+    return series.backward_input(grad_out, [weight], (c_in,), c_in, x_shape, *_UNIT)
+
+
+def _pointwise_weight_grad(grad_out, x, weight):
+    c_in = x.shape[1]
+    return series.backward_weight(grad_out, x, [weight], (c_in,), c_in, *_UNIT)[0]
+
+
+def _fused_forward(x, A, cores, C, bias, group_sizes, group_size, stride, padding, dilation):
+    N, CI, H, W = x.shape
+    S = A.shape[0]
+    T, _, KH, KW = cores[0].shape
+    CO = C.shape[0]
+    ptrs, sizes, nt = pack_terms(cores, group_sizes, group_size)
+    Ho = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
+    Wo = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
+    y = series._like((N, CO, Ho, Wo), x)
+    check_index_range(x, y)
+    A = A.reshape(S, CI).contiguous()
+    C = C.reshape(CO, T).contiguous()
+
+    def grid(meta):
+        return (triton.cdiv(N * Ho * Wo, meta["BM"]),)
+
+    _fused_forward_kernel[grid](x, A, C, bias if bias is not None else y, y, *ptrs, *sizes,
+                                N, H, W, Ho, Wo, CI, S, T, CO, group_size,
+                                *x.stride(), *y.stride(), *stride, *padding, *dilation,
+                                NT=nt, KH=KH, KW=KW, HAS_BIAS=bias is not None,
+                                PREC=dot_precision(x.dtype), SP=_padded(S), TP=_padded(T))
+    return y
+
+
+def forward(x, A, cores, C, bias, group_sizes, group_size, stride, padding, dilation, fused=None):
+    """The whole layer; `fused=None` applies the fit rule, True/False force a path (tests, benchmarks)."""
+    if fused is None:
+        fused = fits_on_chip(x.shape[1], A.shape[0], cores[0].shape[0], C.shape[0],
+                             cores[0].shape[2:])
+    if fused:
+        return _fused_forward(x, A, cores, C, bias, group_sizes, group_size, stride, padding,
+                              dilation)
+    u = _pointwise(x, A)
+    z = series.forward(u, cores, group_sizes, group_size, stride, padding, dilation)
+    return _pointwise(z, C, bias)
+
+
+def backward(grad_y, x, A, cores, C, bias, group_sizes, group_size, stride, padding, dilation):
+    """(grad_x, grad_A, grad_cores_active, grad_C, grad_bias or None), by separate Triton kernels.
+
+    u and z are recomputed (two GEMM-shaped launches) rather than saved by the forward pass.
+    """
+    u = _pointwise(x, A)
+    z = series.forward(u, cores, group_sizes, group_size, stride, padding, dilation)
+    grad_C = _pointwise_weight_grad(grad_y, z, C)
+    grad_z = _pointwise_input_grad(grad_y, C, z.shape)
+    grad_cores = series.backward_weight(grad_z, u, cores, group_sizes, group_size, stride,
+                                        padding, dilation)
+    grad_u = series.backward_input(grad_z, cores, group_sizes, group_size, u.shape, stride,
+                                   padding, dilation)
+    grad_A = _pointwise_weight_grad(grad_u, x, A)
+    grad_x = _pointwise_input_grad(grad_u, A, x.shape)
+    grad_bias = grad_y.sum(dim=(0, 2, 3), dtype=torch.float32).to(bias.dtype) if bias is not None else None
+    return grad_x, grad_A, grad_cores, grad_C, grad_bias

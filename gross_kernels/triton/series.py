@@ -1,0 +1,333 @@
+"""Summed series of grouped convolutions in Triton: forward, grad-input, grad-weight (implicit GEMM per group).
+
+Each kernel works at the active group size G (S/G groups of G input and TG = T·G/S output
+channels). The weight of every reduction tile is the series sum built on the fly from the active
+terms' own tensors (`series_weight`), so no expanded weight exists and one launch covers all terms.
+Inputs and outputs may have any strides (contiguous or channels-last); accumulation is float32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (MAX_TERMS, check_index_range, configs, dot_precision, pack_terms,
+                      series_weight, tune_bench)
+
+_SHAPE_KEY = ["N", "H", "W", "S", "T", "G", "NT"]
+
+
+def _gemm_configs():
+    # First entry is the interpreter's single config: small tiles keep CPU tests quick.
+    choices = [
+        (32, 16, 16, 4, 2), (64, 32, 32, 4, 3), (128, 32, 32, 4, 3), (128, 64, 32, 4, 3),
+        (64, 64, 64, 4, 3), (128, 128, 32, 8, 3), (256, 64, 32, 8, 3), (64, 16, 16, 2, 3),
+    ]
+    return configs([triton.Config({"BM": m, "BN": n, "BK": k}, num_warps=w, num_stages=s)
+                    for m, n, k, w, s in choices])
+
+
+@triton.autotune(configs=_gemm_configs(), key=_SHAPE_KEY, do_bench=tune_bench)
+@triton.jit
+def _forward_kernel(x_ptr, z_ptr, b_ptr,
+                    w0, w1, w2, w3, w4, w5, w6, w7, g0, g1, g2, g3, g4, g5, g6, g7,
+                    N, H, W, Ho, Wo, S, T, G,
+                    sxn, sxc, sxh, sxw, szn, szc, szh, szw,
+                    sh, sw, ph, pw, dh, dw,
+                    NT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """z[n, o, ho, wo] = Σ_{c in o's G-group, tap} x[n, c, ho·s−p+tap·d] · W_eff[o, c, tap] (+ bias)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    grp = tl.program_id(2)
+    TG = (T * G) // S
+    m = pid_m * BM + tl.arange(0, BM)
+    m_ok = m < N * Ho * Wo
+    n = m // (Ho * Wo)
+    r = m % (Ho * Wo)
+    ho = r // Wo
+    wo = r % Wo
+    o_loc = pid_n * BN + tl.arange(0, BN)
+    o_ok = o_loc < TG
+    o = grp * TG + o_loc
+    x_row = x_ptr + n.to(tl.int64) * sxn
+    acc = tl.zeros((BM, BN), tl.float32)
+    for kh in tl.static_range(KH):
+        for kw in tl.static_range(KW):
+            hi = ho * sh - ph + kh * dh
+            wi = wo * sw - pw + kw * dw
+            pix_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            pix = x_row + hi * sxh + wi * sxw
+            for c0 in range(0, G, BK):
+                c_loc = c0 + tl.arange(0, BK)
+                c_ok = c_loc < G
+                c = grp * G + c_loc
+                xt = tl.load(pix[:, None] + c[None, :] * sxc,
+                             mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+                wt = series_weight(w0, w1, w2, w3, w4, w5, w6, w7, g0, g1, g2, g3, g4, g5, g6, g7,
+                                   o[None, :], c[:, None], kh * KW + kw, T, S,
+                                   c_ok[:, None] & o_ok[None, :], NT, KH * KW)
+                acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=PREC)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+    z_off = n.to(tl.int64) * szn + ho * szh + wo * szw
+    tl.store(z_ptr + z_off[:, None] + o[None, :] * szc, acc.to(z_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & o_ok[None, :])
+
+
+@triton.autotune(configs=_gemm_configs(), key=_SHAPE_KEY, do_bench=tune_bench)
+@triton.jit
+def _backward_input_kernel(gz_ptr, gx_ptr,
+                           w0, w1, w2, w3, w4, w5, w6, w7, g0, g1, g2, g3, g4, g5, g6, g7,
+                           N, H, W, Ho, Wo, S, T, G,
+                           szn, szc, szh, szw, sxn, sxc, sxh, sxw,
+                           sh, sw, ph, pw, dh, dw,
+                           NT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                           PREC: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """grad_x[n, c, h, w] = Σ_{o in c's group, tap: h = ho·s−p+tap·d} grad_z[n, o, ho, wo] · W_eff[o, c, tap]."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    grp = tl.program_id(2)
+    TG = (T * G) // S
+    m = pid_m * BM + tl.arange(0, BM)
+    m_ok = m < N * H * W
+    n = m // (H * W)
+    r = m % (H * W)
+    h = r // W
+    w = r % W
+    c_loc = pid_n * BN + tl.arange(0, BN)
+    c_ok = c_loc < G
+    c = grp * G + c_loc
+    gz_row = gz_ptr + n.to(tl.int64) * szn
+    acc = tl.zeros((BM, BN), tl.float32)
+    for kh in tl.static_range(KH):
+        for kw in tl.static_range(KW):
+            hn = h + ph - kh * dh
+            wn = w + pw - kw * dw
+            # hn, wn ≥ 0 is checked before their quotient is trusted (division truncates).
+            ho = hn // sh
+            wo = wn // sw
+            pix_ok = (m_ok & (hn >= 0) & (wn >= 0) & (hn - ho * sh == 0) & (wn - wo * sw == 0)
+                      & (ho < Ho) & (wo < Wo))
+            pix = gz_row + ho * szh + wo * szw
+            for o0 in range(0, TG, BK):
+                o_loc = o0 + tl.arange(0, BK)
+                o_ok = o_loc < TG
+                o = grp * TG + o_loc
+                gt = tl.load(pix[:, None] + o[None, :] * szc,
+                             mask=pix_ok[:, None] & o_ok[None, :], other=0.0)
+                wt = series_weight(w0, w1, w2, w3, w4, w5, w6, w7, g0, g1, g2, g3, g4, g5, g6, g7,
+                                   o[:, None], c[None, :], kh * KW + kw, T, S,
+                                   o_ok[:, None] & c_ok[None, :], NT, KH * KW)
+                acc = tl.dot(gt, wt.to(gt.dtype), acc, input_precision=PREC)
+    x_off = n.to(tl.int64) * sxn + h * sxh + w * sxw
+    tl.store(gx_ptr + x_off[:, None] + c[None, :] * sxc, acc.to(gx_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & c_ok[None, :])
+
+
+def _wgrad_configs():
+    choices = [
+        (16, 16, 32, 4, 2), (32, 32, 64, 4, 3), (64, 64, 64, 4, 3), (64, 32, 128, 4, 3),
+        (128, 64, 64, 8, 3), (16, 16, 128, 4, 3),
+    ]
+    return configs([triton.Config({"BO": o, "BC": c, "BP": p}, num_warps=w, num_stages=s)
+                    for o, c, p, w, s in choices])
+
+
+@triton.autotune(configs=_wgrad_configs(), key=_SHAPE_KEY + ["SPLIT"], do_bench=tune_bench)
+@triton.jit
+def _backward_weight_kernel(gz_ptr, x_ptr, part_ptr,
+                            N, H, W, Ho, Wo, S, T, G, SPLIT,
+                            szn, szc, szh, szw, sxn, sxc, sxh, sxw,
+                            sh, sw, ph, pw, dh, dw,
+                            NT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                            PREC: tl.constexpr,
+                            BO: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+    """partial[split, o, c, tap] = Σ over this split's pixels of grad_z[n, o, ho, wo] · x[n, c, ho·s−p+tap·d].
+
+    The sum over splits is grad W_eff at group size G; `_gather_kernel` reduces it into each term.
+    """
+    TG = (T * G) // S
+    n_cb = tl.cdiv(G, BC)
+    ob = tl.program_id(0) // n_cb
+    cb = tl.program_id(0) % n_cb
+    tap = tl.program_id(1) % (KH * KW)
+    grp = tl.program_id(1) // (KH * KW)
+    split = tl.program_id(2)
+    kh = tap // KW
+    kw = tap % KW
+    o_loc = ob * BO + tl.arange(0, BO)
+    o_ok = o_loc < TG
+    o = grp * TG + o_loc
+    c_loc = cb * BC + tl.arange(0, BC)
+    c_ok = c_loc < G
+    c = grp * G + c_loc
+    P = N * Ho * Wo
+    chunk = tl.cdiv(tl.cdiv(P, SPLIT), BP) * BP
+    p_lo = split * chunk
+    p_hi = tl.minimum(P, p_lo + chunk)
+    acc = tl.zeros((BO, BC), tl.float32)
+    for p0 in range(p_lo, p_hi, BP):
+        p = p0 + tl.arange(0, BP)
+        p_ok = p < p_hi
+        n = p // (Ho * Wo)
+        r = p % (Ho * Wo)
+        ho = r // Wo
+        wo = r % Wo
+        gz_off = n.to(tl.int64) * szn + ho * szh + wo * szw
+        gt = tl.load(gz_ptr + gz_off[None, :] + o[:, None] * szc,
+                     mask=o_ok[:, None] & p_ok[None, :], other=0.0)
+        hi = ho * sh - ph + kh * dh
+        wi = wo * sw - pw + kw * dw
+        pix_ok = p_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        x_off = n.to(tl.int64) * sxn + hi * sxh + wi * sxw
+        xt = tl.load(x_ptr + x_off[:, None] + c[None, :] * sxc,
+                     mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+        acc = tl.dot(gt, xt, acc, input_precision=PREC)
+    off = split * (T * G * KH * KW) + o[:, None] * (G * KH * KW) + c_loc[None, :] * (KH * KW) + tap
+    tl.store(part_ptr + off, acc, mask=o_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _gather_term(part_ptr, out_ptr, g, idx, T, S, G, SPLIT, KK: tl.constexpr):
+    """grad core_i[o, ci, tap] = Σ_split partial[split, o, c, tap], c = ci's place inside o's G-block."""
+    ok = idx < T * g * KK
+    o = idx // (g * KK)
+    ci = (idx // KK) % g
+    tap = idx % KK
+    tg = (g * T) // S
+    TG = (T * G) // S
+    c_loc = (o // tg) * g + ci - (o // TG) * G
+    src = o * (G * KK) + c_loc * KK + tap
+    acc = tl.zeros(idx.shape, tl.float32)
+    for s in range(SPLIT):
+        acc += tl.load(part_ptr + s * (T * G * KK) + src, mask=ok, other=0.0)
+    tl.store(out_ptr + idx, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _gather_kernel(part_ptr, d0, d1, d2, d3, d4, d5, d6, d7, g0, g1, g2, g3, g4, g5, g6, g7,
+                   T, S, G, SPLIT, NT: tl.constexpr, KK: tl.constexpr, BLOCK: tl.constexpr):
+    """One launch for all active terms: program row `term` writes that term's gradient."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    term = tl.program_id(1)
+    if term == 0:
+        _gather_term(part_ptr, d0, g0, idx, T, S, G, SPLIT, KK)
+    if NT > 1:
+        if term == 1:
+            _gather_term(part_ptr, d1, g1, idx, T, S, G, SPLIT, KK)
+    if NT > 2:
+        if term == 2:
+            _gather_term(part_ptr, d2, g2, idx, T, S, G, SPLIT, KK)
+    if NT > 3:
+        if term == 3:
+            _gather_term(part_ptr, d3, g3, idx, T, S, G, SPLIT, KK)
+    if NT > 4:
+        if term == 4:
+            _gather_term(part_ptr, d4, g4, idx, T, S, G, SPLIT, KK)
+    if NT > 5:
+        if term == 5:
+            _gather_term(part_ptr, d5, g5, idx, T, S, G, SPLIT, KK)
+    if NT > 6:
+        if term == 6:
+            _gather_term(part_ptr, d6, g6, idx, T, S, G, SPLIT, KK)
+    if NT > 7:
+        if term == 7:
+            _gather_term(part_ptr, d7, g7, idx, T, S, G, SPLIT, KK)
+
+
+def _out_size(size, k, s, p, d):
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _like(shape, ref, dtype=None):
+    """An empty tensor in `ref`'s memory format (channels-last stays channels-last)."""
+    fmt = (torch.channels_last if ref.dim() == 4 and not ref.is_contiguous()
+           and ref.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+    return torch.empty(shape, dtype=dtype or ref.dtype, device=ref.device, memory_format=fmt)
+
+
+def forward(x, cores, group_sizes, group_size, stride, padding, dilation, bias=None):
+    """Series forward z (N, T, Ho, Wo); `bias` (T,) is an optional fused epilogue (used for 1×1 convs)."""
+    N, S, H, W = x.shape
+    T, _, KH, KW = cores[0].shape
+    ptrs, sizes, nt = pack_terms(cores, group_sizes, group_size)
+    Ho = _out_size(H, KH, stride[0], padding[0], dilation[0])
+    Wo = _out_size(W, KW, stride[1], padding[1], dilation[1])
+    z = _like((N, T, Ho, Wo), x)
+    check_index_range(x, z)
+    G = group_size
+    TG = T * G // S
+
+    def grid(meta):
+        return (triton.cdiv(N * Ho * Wo, meta["BM"]), triton.cdiv(TG, meta["BN"]), S // G)
+
+    _forward_kernel[grid](x, z, bias if bias is not None else z, *ptrs, *sizes,
+                          N, H, W, Ho, Wo, S, T, G, *x.stride(), *z.stride(),
+                          *stride, *padding, *dilation,
+                          NT=nt, KH=KH, KW=KW, HAS_BIAS=bias is not None,
+                          PREC=dot_precision(x.dtype))
+    return z
+
+
+def backward_input(grad_z, cores, group_sizes, group_size, x_shape, stride, padding, dilation):
+    """Gradient of the series conv with respect to its input, shaped `x_shape`."""
+    N, S, H, W = x_shape
+    T, _, KH, KW = cores[0].shape
+    _, _, Ho, Wo = grad_z.shape
+    ptrs, sizes, nt = pack_terms(cores, group_sizes, group_size)
+    gx = _like(tuple(x_shape), grad_z)
+    check_index_range(grad_z, gx)
+    G = group_size
+
+    def grid(meta):
+        return (triton.cdiv(N * H * W, meta["BM"]), triton.cdiv(G, meta["BN"]), S // G)
+
+    _backward_input_kernel[grid](grad_z, gx, *ptrs, *sizes, N, H, W, Ho, Wo, S, T, G,
+                                 *grad_z.stride(), *gx.stride(), *stride, *padding, *dilation,
+                                 NT=nt, KH=KH, KW=KW, PREC=dot_precision(grad_z.dtype))
+    return gx
+
+
+def _split_count(device, P, base_programs, per_split):
+    """Split the pixel reduction so that about 4 programs per SM run (2 splits under the interpreter).
+
+    Every split covers at least `per_split` pixels and writes its own float32 partial (no atomics),
+    so the result is deterministic.
+    """
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 2  # exercises the split path in CPU tests
+    want = -(-target // max(base_programs, 1))
+    return max(1, min(want, -(-P // per_split), 64))
+
+
+def backward_weight(grad_z, x, cores, group_sizes, group_size, stride, padding, dilation):
+    """Gradients of the active cores (list, each shaped like its core), from one GEMM and one gather launch."""
+    N, S, H, W = x.shape
+    T, _, KH, KW = cores[0].shape
+    _, _, Ho, Wo = grad_z.shape
+    ptrs, sizes, nt = pack_terms(cores, group_sizes, group_size)
+    check_index_range(grad_z, x)
+    G = group_size
+    TG = T * G // S
+    KK = KH * KW
+    split = _split_count(x.device, N * Ho * Wo, (S // G) * KK * triton.cdiv(TG, 32) * triton.cdiv(G, 32), 256)
+    part = torch.empty((split, T, G, KK), dtype=torch.float32, device=x.device)
+
+    def grid(meta):
+        return (triton.cdiv(TG, meta["BO"]) * triton.cdiv(G, meta["BC"]), KK * (S // G), split)
+
+    _backward_weight_kernel[grid](grad_z, x, part, N, H, W, Ho, Wo, S, T, G, split,
+                                  *grad_z.stride(), *x.stride(), *stride, *padding, *dilation,
+                                  NT=nt, KH=KH, KW=KW, PREC=dot_precision(x.dtype))
+    grads = [torch.empty_like(ptrs[i]) for i in range(nt)]
+    dests = grads + [grads[0]] * (MAX_TERMS - nt)
+    block = 256
+    most = max(T * g * KK for g in sizes[:nt])
+    _gather_kernel[(triton.cdiv(most, block), nt)](part, *dests, *sizes, T, S, G, split,
+                                                    NT=nt, KK=KK, BLOCK=block)
+    return grads
