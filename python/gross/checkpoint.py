@@ -1,0 +1,119 @@
+"""Checkpoints: atomic save (temp file + fsync + rename) and verified load (format, SHA-256, signature)."""
+import hashlib
+import io
+import json
+import os
+import tempfile
+
+import torch
+
+FORMAT_VERSION = 1
+_MAGIC = b"GROSS-CKPT"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, of another format, or does not match what is being loaded."""
+
+
+def model_signature(model):
+    """JSON-able description of a model's architecture: class and every state-dict entry's name, shape, dtype."""
+    entries = [[k, list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()]
+    digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+    return {"class": type(model).__name__, "state": digest}
+
+
+def save(path, payload, signature=None):
+    """Write `payload` (a dict torch.save can store) to `path` atomically; an existing file is replaced only on success.
+
+    `signature` (JSON-able dict, e.g. model_signature plus a recipe) is stored and checked by load().
+    """
+    if not isinstance(payload, dict):
+        raise TypeError(f"payload must be a dict, got {type(payload).__name__}")
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    body = buffer.getvalue()
+    header = json.dumps({"format": FORMAT_VERSION, "sha256": hashlib.sha256(body).hexdigest(),
+                         "size": len(body), "signature": signature}, sort_keys=True).encode()
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(_MAGIC + b"\n" + header + b"\n" + body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    # Persist the rename itself (the directory entry) where the platform allows it.
+    if hasattr(os, "O_DIRECTORY"):
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def is_gross_file(path):
+    """True when `path` starts with this module's checkpoint magic."""
+    with open(path, "rb") as f:
+        return f.read(len(_MAGIC) + 1) == _MAGIC + b"\n"
+
+
+def read_header(path):
+    """The header of a checkpoint (format, sha256, size, signature) without reading the payload."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    with open(path, "rb") as f:
+        if f.readline() != _MAGIC + b"\n":
+            raise CheckpointError(f"{path!r} is not a gross checkpoint (bad magic line)")
+        try:
+            header = json.loads(f.readline())
+        except ValueError as err:
+            raise CheckpointError(f"{path!r} has a corrupt header") from err
+    if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path!r} has format {header.get('format') if isinstance(header, dict) else None!r}; "
+                              f"this version reads format {FORMAT_VERSION}")
+    return header
+
+
+def _signature_diff(stored, expected):
+    stored = stored or {}
+    return {k: (stored.get(k), v) for k, v in expected.items() if stored.get(k) != v}
+
+
+def load(path, signature=None, map_location="cpu"):
+    """Read and verify a checkpoint; returns its payload.
+
+    Raises CheckpointError if the file is missing, truncated, altered (SHA-256 mismatch), of another
+    format, or if any key of `signature` differs from the stored signature.
+    """
+    header = read_header(path)
+    with open(path, "rb") as f:
+        f.readline()
+        f.readline()
+        body = f.read()
+    if len(body) != header["size"] or hashlib.sha256(body).hexdigest() != header["sha256"]:
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} is corrupt: payload size or SHA-256 does not match")
+    if signature is not None:
+        diff = _signature_diff(header["signature"], signature)
+        if diff:
+            details = "; ".join(f"{k}: file has {a!r}, expected {b!r}" for k, (a, b) in diff.items())
+            raise CheckpointError(f"checkpoint {os.fspath(path)!r} does not match: {details}")
+    return torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
+
+
+def save_weights(path, model, meta=None):
+    """Save a model's state dict (atomically) with its signature and optional JSON-able `meta` (e.g. name, spec)."""
+    save(path, {"model": model.state_dict(), "meta": meta}, {"model": model_signature(model), "meta": meta})
+
+
+def load_weights(path, model):
+    """Load weights saved by save_weights into `model`, refusing files of another architecture; returns meta."""
+    payload = load(path, {"model": model_signature(model)})
+    model.load_state_dict(payload["model"])
+    return payload["meta"]
