@@ -1,0 +1,134 @@
+"""Backend registry: which kernels exist on this machine, and the deterministic `auto` choice."""
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import torch
+
+from . import _extension, reference
+
+BACKENDS = ("reference", "cpp", "triton", "cuda")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was forced (`backend="..."`) but cannot run these tensors here."""
+
+
+def _compiled_series_fns():
+    """The extension's dispatcher ops (CPU or CUDA kernel chosen by the tensors' device)."""
+    ops = torch.ops.gross
+
+    def forward(x, cores, group_sizes, group_size, stride, padding, dilation):
+        return ops.series_conv_forward(x, cores, group_sizes, group_size, stride, padding,
+                                       dilation)
+
+    def backward_input(grad_z, cores, group_sizes, group_size, x_shape, stride, padding,
+                       dilation):
+        return ops.series_conv_backward_input(grad_z, cores, group_sizes, group_size,
+                                              list(x_shape), stride, padding, dilation)
+
+    def backward_weight(grad_z, x, cores, group_sizes, group_size, stride, padding, dilation):
+        return ops.series_conv_backward_weight(grad_z, x, cores, group_sizes, group_size, stride,
+                                               padding, dilation)
+
+    return forward, backward_input, backward_weight
+
+
+def _composite(series_fns):
+    """A backend from its three series kernels; the bottleneck composes them with 1×1 convs."""
+    forward, backward_input, backward_weight = series_fns
+
+    def composite_forward(x, A, cores, C, bias, group_sizes, group_size, stride, padding,
+                          dilation):
+        return reference.composite_bottleneck_forward(forward, x, A, cores, C, bias, group_sizes,
+                                                      group_size, stride, padding, dilation)
+
+    def composite_backward(*args):
+        return reference.composite_bottleneck_backward(series_fns, *args)
+
+    return SimpleNamespace(series_forward=forward, series_backward_input=backward_input,
+                           series_backward_weight=backward_weight,
+                           bottleneck_forward=composite_forward,
+                           bottleneck_backward=composite_backward)
+
+
+@functools.lru_cache(maxsize=None)
+def _backend(name: str):
+    if name == "reference":
+        return reference
+    if name == "triton":
+        from . import triton as triton_kernels
+        return triton_kernels
+    return _composite(_compiled_series_fns())
+
+
+def _triton_ready(device: torch.device):
+    try:
+        from . import triton as triton_kernels
+    except Exception as error:  # triton missing or broken: report why, never crash the import
+        return False, f"Triton could not be imported ({error})"
+    return triton_kernels.is_available(device)
+
+
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype):
+    """Why backend `name` cannot run tensors of this device and dtype (None if it can)."""
+    if name == "reference":
+        return None
+    if name == "cpp":
+        if not _extension.load():
+            return f"the compiled extension gross_kernels._C is not available ({_extension.error()})"
+        if not _extension.has_cpu_kernels():
+            return "gross_kernels._C has no CPU kernels registered"
+        if device.type != "cpu":
+            return f"the cpp backend runs CPU tensors only, got device {device}"
+        if dtype not in (torch.float32, torch.float64):
+            return f"the cpp backend supports float32 and float64, got {dtype}"
+        return None
+    if name == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend runs CUDA tensors only, got device {device}"
+        if not _extension.has_cuda_kernels():
+            return "gross_kernels._C was built without CUDA kernels (GROSS_CUDA=0 or no toolkit)"
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"the cuda backend supports float32, float16 and bfloat16, got {dtype}"
+        return None
+    if name == "triton":
+        ok, reason = _triton_ready(device)
+        if not ok:
+            return reason
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"the triton backend supports float32, float16 and bfloat16, got {dtype}"
+        return None
+    raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+
+
+def available_backends(device=None) -> list:
+    """Backends that can run on this machine (on `device` if given, else on any local device)."""
+    devices = [torch.device(device)] if device is not None else [torch.device("cpu")] + (
+        [torch.device("cuda")] if torch.cuda.is_available() else [])
+    dtype = torch.float32
+    return [name for name in BACKENDS
+            if any(unavailable_reason(name, d, dtype) is None for d in devices)]
+
+
+def _auto_choice(device: torch.device, dtype: torch.dtype) -> str:
+    """The fastest correct backend for this device and dtype (see bench/RESULTS.md)."""
+    if device.type == "cuda":
+        for name in ("triton", "cuda"):
+            if unavailable_reason(name, device, dtype) is None:
+                return name
+        return "reference"
+    # On the CPU, oneDNN's grouped convolution on the summed weight beats our direct C++ loops
+    # on every benchmarked layer shape (bench/RESULTS.md, "Ops benchmark (CPU)").
+    return "reference"
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype):
+    """The kernel module for `backend` on these tensors; raises if a forced backend cannot run."""
+    if backend == "auto":
+        backend = _auto_choice(device, dtype)
+    reason = unavailable_reason(backend, device, dtype)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend={backend!r} is unavailable: {reason}")
+    return _backend(backend)

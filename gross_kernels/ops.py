@@ -1,0 +1,239 @@
+"""Public series ops: `torch.library` custom ops (namespace `gross`) with autograd and fake kernels.
+
+Each public function validates its arguments (before any kernel runs), applies autocast, then
+calls a custom op whose implementation dispatches to the chosen backend's kernels. The backward
+passes are custom ops too, so `torch.compile` traces forward and backward without graph breaks.
+Outputs follow x's memory format (channels-last in, channels-last out).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _validate, backends
+
+
+def _out_hw(x_hw, kernel_hw, stride, padding, dilation):
+    return [(size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, k, s, p, d in zip(x_hw, kernel_hw, stride, padding, dilation)]
+
+
+def _memory_format(x: Tensor):
+    return torch.channels_last if (
+        x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    ) else torch.contiguous_format
+
+
+def _new_output(x: Tensor, shape) -> Tensor:
+    return x.new_empty(shape).contiguous(memory_format=_memory_format(x))
+
+
+# ---------------------------------------------------------------- series grouped conv ----------
+
+@torch.library.custom_op("gross::series_grouped_conv2d", mutates_args=())
+def _series_op(x: Tensor, cores: Sequence[Tensor], group_sizes: Sequence[int], group_size: int,
+               stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+               backend: str) -> Tensor:
+    kernels = backends.resolve(backend, x.device, x.dtype)
+    z = kernels.series_forward(x, list(cores), tuple(group_sizes), group_size, tuple(stride),
+                               tuple(padding), tuple(dilation))
+    return z.contiguous(memory_format=_memory_format(x))
+
+
+@_series_op.register_fake
+def _series_op_fake(x, cores, group_sizes, group_size, stride, padding, dilation, backend):
+    T, _, kh, kw = cores[0].shape
+    return _new_output(x, (x.shape[0], T, *_out_hw(x.shape[2:], (kh, kw), stride, padding,
+                                                      dilation)))
+
+
+@torch.library.custom_op("gross::series_grouped_conv2d_backward", mutates_args=())
+def _series_backward_op(grad: Tensor, x: Tensor, cores: Sequence[Tensor],
+                        group_sizes: Sequence[int], group_size: int, stride: Sequence[int],
+                        padding: Sequence[int], dilation: Sequence[int], backend: str,
+                        input_grad: bool, weight_grad: bool) -> list[Tensor]:
+    """[grad_x or empty, grad of every core (zeros for inactive terms) or empties]."""
+    kernels = backends.resolve(backend, x.device, x.dtype)
+    series = (tuple(group_sizes), group_size)
+    geometry = (tuple(stride), tuple(padding), tuple(dilation))
+    cores = list(cores)
+    grad = grad.contiguous(memory_format=_memory_format(x))
+    out = [x.new_empty(0)]
+    if input_grad:
+        gx = kernels.series_backward_input(grad, cores, *series, x.shape, *geometry)
+        out[0] = gx.contiguous(memory_format=_memory_format(x))
+    if weight_grad:
+        active = kernels.series_backward_weight(grad, x, cores, *series, *geometry)
+        out += [g.contiguous() for g in active]
+        out += [torch.zeros_like(c) for c in cores[len(active):]]
+    else:
+        out += [c.new_empty(0) for c in cores]
+    return out
+
+
+@_series_backward_op.register_fake
+def _series_backward_fake(grad, x, cores, group_sizes, group_size, stride, padding, dilation,
+                          backend, input_grad, weight_grad):
+    out = [_new_output(x, x.shape) if input_grad else x.new_empty(0)]
+    return out + [torch.empty_like(c, memory_format=torch.contiguous_format) if weight_grad
+                  else c.new_empty(0) for c in cores]
+
+
+def _series_setup(ctx, inputs, output):
+    x, cores, group_sizes, group_size, stride, padding, dilation, backend = inputs
+    ctx.save_for_backward(x, *cores)
+    ctx.series_args = (group_sizes, group_size, stride, padding, dilation, backend)
+
+
+def _series_backward(ctx, grad):
+    x, *cores = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[1])  # [1]: one per core
+    grads = _series_backward_op(grad, x, cores, *ctx.series_args, need_x, need_w)
+    return (grads[0] if need_x else None, list(grads[1:]) if need_w else None,
+            None, None, None, None, None, None)
+
+
+_series_op.register_autograd(_series_backward, setup_context=_series_setup)
+
+
+# ---------------------------------------------------------------- bottleneck -------------------
+
+def _summed(tensors, count):
+    total = tensors[0]
+    for t in tensors[1:count]:
+        total = total + t
+    return total
+
+
+@torch.library.custom_op("gross::series_bottleneck_conv2d", mutates_args=())
+def _bottleneck_op(x: Tensor, firsts: Sequence[Tensor], cores: Sequence[Tensor],
+                   lasts: Sequence[Tensor], bias: Optional[Tensor], group_sizes: Sequence[int],
+                   group_size: int, stride: Sequence[int], padding: Sequence[int],
+                   dilation: Sequence[int], backend: str) -> Tensor:
+    kernels = backends.resolve(backend, x.device, x.dtype)
+    n = sum(1 for g in group_sizes if g <= group_size)
+    y = kernels.bottleneck_forward(x, _summed(firsts, n), list(cores), _summed(lasts, n), bias,
+                                   tuple(group_sizes), group_size, tuple(stride), tuple(padding),
+                                   tuple(dilation))
+    return y.contiguous(memory_format=_memory_format(x))
+
+
+@_bottleneck_op.register_fake
+def _bottleneck_op_fake(x, firsts, cores, lasts, bias, group_sizes, group_size, stride, padding,
+                        dilation, backend):
+    kh, kw = cores[0].shape[2:]
+    return _new_output(x, (x.shape[0], lasts[0].shape[0],
+                           *_out_hw(x.shape[2:], (kh, kw), stride, padding, dilation)))
+
+
+@torch.library.custom_op("gross::series_bottleneck_conv2d_backward", mutates_args=())
+def _bottleneck_backward_op(grad: Tensor, x: Tensor, firsts: Sequence[Tensor],
+                            cores: Sequence[Tensor], lasts: Sequence[Tensor],
+                            bias: Optional[Tensor], group_sizes: Sequence[int], group_size: int,
+                            stride: Sequence[int], padding: Sequence[int],
+                            dilation: Sequence[int], backend: str) -> list[Tensor]:
+    """[grad_x, grads of firsts, grads of cores, grads of lasts, grad_bias (empty if no bias)].
+
+    Every active first (last) gets the gradient of the summed A (C); inactive terms get zeros.
+    """
+    kernels = backends.resolve(backend, x.device, x.dtype)
+    n = sum(1 for g in group_sizes if g <= group_size)
+    grad = grad.contiguous(memory_format=_memory_format(x))
+    gx, gA, gcores, gC, gbias = kernels.bottleneck_backward(
+        grad, x, _summed(firsts, n), list(cores), _summed(lasts, n), bias, tuple(group_sizes),
+        group_size, tuple(stride), tuple(padding), tuple(dilation))
+
+    def per_term(active_grads, params):
+        active = [g.contiguous() for g in active_grads]
+        return active + [torch.zeros_like(p) for p in params[len(active):]]
+
+    gA = gA.contiguous()
+    gC = gC.contiguous()
+    return ([gx.contiguous(memory_format=_memory_format(x))]
+            + per_term([gA] + [gA.clone() for _ in range(n - 1)], firsts)
+            + per_term(gcores, cores)
+            + per_term([gC] + [gC.clone() for _ in range(n - 1)], lasts)
+            + [gbias.contiguous() if bias is not None else x.new_empty(0)])
+
+
+@_bottleneck_backward_op.register_fake
+def _bottleneck_backward_fake(grad, x, firsts, cores, lasts, bias, group_sizes, group_size,
+                              stride, padding, dilation, backend):
+    like = [torch.empty_like(p, memory_format=torch.contiguous_format)
+            for p in (*firsts, *cores, *lasts)]
+    return ([_new_output(x, x.shape)] + like
+            + [torch.empty_like(bias) if bias is not None else x.new_empty(0)])
+
+
+def _bottleneck_setup(ctx, inputs, output):
+    x, firsts, cores, lasts, bias, *rest = inputs
+    ctx.num_terms = len(cores)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, *firsts, *cores, *lasts, *([bias] if bias is not None else []))
+    ctx.series_args = tuple(rest)
+
+
+def _bottleneck_backward(ctx, grad):
+    x, *params = ctx.saved_tensors
+    n = ctx.num_terms
+    firsts, cores, lasts = params[:n], params[n:2 * n], params[2 * n:3 * n]
+    bias = params[3 * n] if ctx.has_bias else None
+    grads = _bottleneck_backward_op(grad, x, firsts, cores, lasts, bias, *ctx.series_args)
+    return (grads[0], list(grads[1:1 + n]), list(grads[1 + n:1 + 2 * n]),
+            list(grads[1 + 2 * n:1 + 3 * n]), grads[-1] if ctx.has_bias else None,
+            None, None, None, None, None, None)
+
+
+_bottleneck_op.register_autograd(_bottleneck_backward, setup_context=_bottleneck_setup)
+
+
+# ---------------------------------------------------------------- public API -------------------
+
+def _autocast(*tensor_groups):
+    """Cast floating tensors to the autocast dtype when autocast is on for their device."""
+    x = tensor_groups[0]
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensor_groups
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        if t is None:
+            return None
+        if isinstance(t, torch.Tensor):
+            return t.to(dtype) if t.dtype.is_floating_point else t
+        return [cast(item) for item in t]
+
+    return tuple(cast(group) for group in tensor_groups)
+
+
+def _check_forced_backend(backend: str, x: Tensor) -> None:
+    _validate.check_backend(backend)
+    if backend != "auto":
+        reason = backends.unavailable_reason(backend, x.device, x.dtype)
+        if reason is not None:
+            raise backends.BackendUnavailableError(f"backend={backend!r} is unavailable: {reason}")
+
+
+def series_grouped_conv2d(x, cores, group_sizes, group_size, stride=1, padding=0, dilation=1,
+                          backend="auto"):
+    """Σ_{i: g_i <= group_size} conv2d(x, cores[i], groups=S // g_i), one fused op."""
+    x, cores = _autocast(x, cores)
+    a = _validate.check_series_conv(x, cores, group_sizes, group_size, stride, padding, dilation)
+    _check_forced_backend(backend, x)
+    return _series_op(x, list(cores), list(a.group_sizes), a.group_size, list(a.stride),
+                      list(a.padding), list(a.dilation), backend)
+
+
+def series_bottleneck_conv2d(x, firsts, cores, lasts, bias, group_sizes, group_size, stride=1,
+                             padding=0, dilation=1, backend="auto"):
+    """The decomposed layer at one group size: 1×1 ΣA_i → series core → 1×1 ΣC_i + bias."""
+    x, firsts, cores, lasts, bias = _autocast(x, firsts, cores, lasts, bias)
+    a = _validate.check_bottleneck(x, firsts, cores, lasts, bias, group_sizes, group_size, stride,
+                                   padding, dilation)
+    _check_forced_backend(backend, x)
+    return _bottleneck_op(x, list(firsts), list(cores), list(lasts), bias, list(a.group_sizes),
+                          a.group_size, list(a.stride), list(a.padding), list(a.dilation),
+                          backend)

@@ -1,0 +1,139 @@
+"""Pure-PyTorch reference kernels: vectorised block-diagonal expansion of the series, then F.conv2d.
+
+This is the oracle every other backend is tested against, and the "PyTorch" baseline of the
+benchmarks (cuDNN / oneDNN do the convolutions). Functions follow the kernel-level contract in
+docs/ARCHITECTURE.md: arguments arrive validated and normalised.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _block_view(weight: torch.Tensor, S: int, g: int, G: int) -> torch.Tensor:
+    """View a grouped weight (T, g, kh, kw) at groups S/g as (S/G, G/g, T·g/S, g, kh, kw).
+
+    Output channel o of the g-grouping lies in G-group q, sub-block s (its g-group is q·G/g + s),
+    at position j within that g-group.
+    """
+    T, _, kh, kw = weight.shape
+    r = G // g
+    return weight.reshape(S // G, r, T * g // S, g, kh, kw)
+
+
+def expand_core(core: torch.Tensor, S: int, g: int, G: int) -> torch.Tensor:
+    """Re-express a core at group size g as a core at group size G (g | G): blocks on the diagonal."""
+    if g == G:
+        return core
+    r = G // g
+    eye = torch.eye(r, dtype=core.dtype, device=core.device)
+    blocks = _block_view(core, S, g, G)
+    # W[q, s, j, t, c] = core[q, s, j, c] if s == t else 0: the g-block sits at input offset t·g.
+    expanded = torch.einsum("qsjckl,st->qsjtckl", blocks, eye)
+    T, _, kh, kw = core.shape
+    return expanded.reshape(T, G, kh, kw)
+
+
+def gather_core(weight_grad: torch.Tensor, S: int, g: int, G: int) -> torch.Tensor:
+    """Adjoint of `expand_core`: the diagonal g-blocks of a group-size-G weight, as a g-core."""
+    T, _, kh, kw = weight_grad.shape
+    if g == G:
+        return weight_grad
+    r = G // g
+    blocks = weight_grad.reshape(S // G, r, T * g // S, r, g, kh, kw)
+    diag = torch.diagonal(blocks, dim1=1, dim2=3)  # (S/G, T·g/S, g, kh, kw, r)
+    return diag.permute(0, 5, 1, 2, 3, 4).reshape(T, g, kh, kw)
+
+
+def effective_core(cores, group_sizes, group_size: int, S: int) -> torch.Tensor:
+    """Σ over active terms of each core expanded to the active group size: one grouped weight."""
+    total = None
+    for core, g in zip(cores, group_sizes):
+        if g > group_size:
+            break
+        term = expand_core(core, S, g, group_size)
+        total = term if total is None else total + term
+    return total
+
+
+def series_forward(x, cores, group_sizes, group_size, stride, padding, dilation):
+    """Summed series of grouped convolutions as one grouped conv with the effective weight."""
+    S = x.shape[1]
+    weight = effective_core(cores, group_sizes, group_size, S)
+    return F.conv2d(x, weight, None, stride, padding, dilation, S // group_size)
+
+
+def series_backward_input(grad_z, cores, group_sizes, group_size, x_shape, stride, padding,
+                          dilation):
+    """Gradient of the series conv with respect to its input."""
+    S = x_shape[1]
+    weight = effective_core(cores, group_sizes, group_size, S)
+    return torch.nn.grad.conv2d_input(tuple(x_shape), weight, grad_z, stride, padding, dilation,
+                                      S // group_size)
+
+
+def series_backward_weight(grad_z, x, cores, group_sizes, group_size, stride, padding, dilation):
+    """Gradients of the active cores: the effective weight's gradient gathered per term."""
+    S = x.shape[1]
+    T, _, kh, kw = cores[0].shape
+    weight_grad = torch.nn.grad.conv2d_weight(x, (T, group_size, kh, kw), grad_z, stride, padding,
+                                              dilation, S // group_size)
+    return [gather_core(weight_grad, S, g, group_size) for g in group_sizes if g <= group_size]
+
+
+def pointwise(x, weight, bias=None):
+    """A 1×1 convolution."""
+    return F.conv2d(x, weight, bias)
+
+
+def pointwise_weight_grad(grad_out, x):
+    """Gradient of a bias-free 1×1 convolution's weight: Σ_{n,h,w} grad_out ⊗ x."""
+    weight = torch.einsum("nohw,nihw->oi", grad_out, x)
+    return weight[:, :, None, None]
+
+
+def pointwise_input_grad(grad_out, weight):
+    """Gradient of a 1×1 convolution's input: the transposed 1×1 convolution."""
+    return F.conv2d(grad_out, weight.transpose(0, 1))
+
+
+def composite_bottleneck_forward(series_forward_fn, x, A, cores, C, bias, group_sizes, group_size,
+                                 stride, padding, dilation):
+    """1×1 A → series core (by the given backend function) → 1×1 C + bias."""
+    u = pointwise(x, A)
+    z = series_forward_fn(u, cores, group_sizes, group_size, stride, padding, dilation)
+    return pointwise(z, C, bias)
+
+
+def composite_bottleneck_backward(series_fns, grad_y, x, A, cores, C, bias, group_sizes,
+                                  group_size, stride, padding, dilation):
+    """Backward of the composite bottleneck; `series_fns` = (forward, backward_input, backward_weight)."""
+    forward, backward_input, backward_weight = series_fns
+    u = pointwise(x, A)  # recomputed: cheaper to redo two small GEMMs than to keep activations
+    z = forward(u, cores, group_sizes, group_size, stride, padding, dilation)
+    grad_bias = grad_y.sum(dim=(0, 2, 3)) if bias is not None else None
+    grad_C = pointwise_weight_grad(grad_y, z)
+    grad_z = pointwise_input_grad(grad_y, C)
+    grad_cores = backward_weight(grad_z, u, cores, group_sizes, group_size, stride, padding,
+                                 dilation)
+    grad_u = backward_input(grad_z, cores, group_sizes, group_size, u.shape, stride, padding,
+                            dilation)
+    grad_A = pointwise_weight_grad(grad_u, x)
+    grad_x = pointwise_input_grad(grad_u, A)
+    return grad_x, grad_A, grad_cores, grad_C, grad_bias
+
+
+SERIES_FNS = (series_forward, series_backward_input, series_backward_weight)
+
+
+def bottleneck_forward(x, A, cores, C, bias, group_sizes, group_size, stride, padding, dilation):
+    """The whole decomposed layer with reference series kernels."""
+    return composite_bottleneck_forward(series_forward, x, A, cores, C, bias, group_sizes,
+                                        group_size, stride, padding, dilation)
+
+
+def bottleneck_backward(grad_y, x, A, cores, C, bias, group_sizes, group_size, stride, padding,
+                        dilation):
+    """Backward of the whole decomposed layer with reference series kernels."""
+    return composite_bottleneck_backward(SERIES_FNS, grad_y, x, A, cores, C, bias, group_sizes,
+                                         group_size, stride, padding, dilation)
