@@ -1,0 +1,40 @@
+"""Shared fixtures for the pipeline tests: a converted 4-layer net and small slices of the embedded data."""
+import functools
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+from gross import data, models
+from gross_kernels import SeriesConv2d
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads oversubscribe and run ~10× slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def series_four_layer(seed=0):
+    """The 4-layer net with conv2–conv4 replaced by randomly initialised SeriesConv2d (default spec)."""
+    torch.manual_seed(seed)
+    model = models.build("four_layer")
+    for name, spec in models.default_spec("four_layer").items():
+        conv = getattr(model, name)
+        setattr(model, name, SeriesConv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
+                                          spec["group_sizes"], spec["bottleneck"], padding=conv.padding))
+    return model
+
+
+@functools.lru_cache(maxsize=2)
+def _embedded(augment):
+    return data.load_embedded(augment=augment)
+
+
+def small_embedded(n_train=128, n_val=64, augment=False):
+    """The first n_train / n_val / n_val samples of the embedded train / val / test splits."""
+    train, val, test = _embedded(augment)
+    return Subset(train, range(n_train)), Subset(val, range(n_val)), Subset(test, range(n_val))

@@ -1,0 +1,137 @@
+"""gross.models: the four networks, their initialisation, layer names and decomposition specs."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from gross import checkpoint, models
+
+
+def _module(model, name):
+    return dict(model.named_modules())[name]
+
+
+@pytest.mark.parametrize("name,size,classes", [("four_layer", 32, 10), ("vgg16_cifar", 32, 10),
+                                               ("resnet18", 64, 1000)])
+def test_build_output_shapes(name, size, classes):
+    model = models.build(name)
+    assert model(torch.randn(2, 3, size, size)).shape == (2, classes)
+    assert models.build(name, num_classes=7)(torch.randn(1, 3, size, size)).shape == (1, 7)
+
+
+def test_four_layer_structure():
+    model = models.build("four_layer")
+    convs = [(m.in_channels, m.out_channels, m.kernel_size, m.padding) for m in model.modules()
+             if isinstance(m, nn.Conv2d)]
+    assert convs == [(3, 32, (3, 3), (1, 1)), (32, 32, (3, 3), (1, 1)), (32, 64, (3, 3), (1, 1)),
+                     (64, 64, (3, 3), (1, 1))]
+    assert [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)] == [
+        (256, 256), (256, 10)]
+
+
+def test_vgg16_cifar_structure():
+    model = models.build("vgg16_cifar")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 13 and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    linears = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears == [(512, 512), (512, 10)]
+    assert sum(isinstance(m, nn.Dropout) for m in model.modules()) == 2
+
+
+def test_initialisation_follows_appendix():
+    torch.manual_seed(1)
+    model = models.build("vgg16_cifar")
+    conv = _module(model, models.module_name("vgg16_cifar", "conv4_2"))  # 512 → 512, 3×3
+    expected = math.sqrt(2.0 / (conv.out_channels * 9))  # He-normal, fan_out, ReLU gain
+    assert conv.weight.std().item() == pytest.approx(expected, rel=0.02)
+    fc = model.classifier[1]
+    assert fc.weight.std().item() == pytest.approx(0.01, rel=0.02)
+    assert fc.weight.mean().abs().item() < 1e-3
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            assert torch.count_nonzero(m.bias) == 0
+    wide = models.build("vgg16_cifar", fc_std=0.1)  # the appendix's "variance 0.01" reading
+    assert wide.classifier[1].weight.std().item() == pytest.approx(0.1, rel=0.02)
+
+
+def test_human_names_map_to_convs():
+    vgg = models.build("vgg16_cifar")
+    names = models.HUMAN_NAMES["vgg16_cifar"]
+    assert len(names) == 13
+    assert names["conv1_1"] == "features.0" and names["conv1_2"] == "features.2"
+    assert names["conv2_1"] == "features.5" and names["conv5_3"] == "features.28"
+    assert _module(vgg, names["conv3_1"]).in_channels == 128 and _module(vgg, names["conv3_1"]).out_channels == 256
+    assert models.HUMAN_NAMES["vgg16_imagenet"] == names  # same trunk indices as torchvision
+    assert models.module_name("four_layer", "conv3") == "conv3"
+    assert models.module_name("vgg16_cifar", "features.7") == "features.7"  # module names pass through
+
+
+def _valid(spec, model):
+    for name, entry in spec.items():
+        conv = _module(model, name)
+        assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3), name
+        bottleneck = entry["bottleneck"]
+        s, t = (conv.in_channels,) * 2 if bottleneck is None else (
+            (bottleneck,) * 2 if isinstance(bottleneck, int) else tuple(bottleneck))
+        sizes = entry["group_sizes"]
+        assert sizes == sorted(set(sizes)), name
+        assert all(b % a == 0 for a, b in zip(sizes, sizes[1:])), name
+        assert all(s % g == 0 and t % (s // g) == 0 for g in sizes), name
+
+
+def test_default_specs():
+    four = models.default_spec("four_layer")
+    assert four == {"conv2": {"group_sizes": [1, 2, 4, 8, 16, 32], "bottleneck": 32},
+                    "conv3": {"group_sizes": [1, 2, 4, 8, 16, 32], "bottleneck": 32},
+                    "conv4": {"group_sizes": [1, 2, 4, 8, 16, 32, 64], "bottleneck": 64}}
+    _valid(four, models.build("four_layer"))
+    vgg = models.default_spec("vgg16_cifar")
+    assert len(vgg) == 12 and models.HUMAN_NAMES["vgg16_cifar"]["conv1_1"] not in vgg
+    assert all(e["group_sizes"] == [1, 4, 16, 32] for e in vgg.values())
+    _valid(vgg, models.build("vgg16_cifar"))
+    assert models.default_spec("vgg16_imagenet") == vgg
+    resnet = models.default_spec("resnet18")
+    assert len(resnet) == 16 and "layer2.0.conv1" in resnet and "conv1" not in resnet
+    _valid(resnet, models.build("resnet18"))
+
+
+def test_high_compression_spec_is_valid():
+    spec = models.high_compression_spec()
+    names = models.HUMAN_NAMES["vgg16_imagenet"]
+    assert spec[names["conv3_2"]] == {"group_sizes": [15, 30, 60], "bottleneck": [60, 48]}
+    assert spec[names["conv1_2"]] == {"group_sizes": [11], "bottleneck": [11, 18]}
+    assert len(spec) == 12
+    _valid(spec, models.VGG16CIFAR())  # same trunk module names and shapes as the ImageNet VGG-16
+    config = models.high_compression_config()
+    assert config[names["conv4_3"]] == 33 and config[names["conv5_1"]] == 56
+    assert all(config[name] in entry["group_sizes"] for name, entry in spec.items())
+
+
+def test_weights_from_local_files(tmp_path):
+    model = models.build("four_layer")
+    plain = tmp_path / "plain.pt"
+    torch.save(model.state_dict(), plain)
+    wrapped = tmp_path / "wrapped.pt"
+    torch.save({"state_dict": model.state_dict()}, wrapped)
+    ours = tmp_path / "ours.pt"
+    checkpoint.save_weights(ours, model)
+    for path in (plain, wrapped, ours):
+        loaded = models.build("four_layer", weights=str(path))
+        for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+            assert torch.equal(a, b)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="name must be one of"):
+        models.build("vgg19")
+    with pytest.raises(ValueError, match="num_classes"):
+        models.build("four_layer", num_classes=0)
+    with pytest.raises(ValueError, match="existing file"):
+        models.build("four_layer", weights="/nonexistent/weights.pt")
+    with pytest.raises(ValueError, match="torchvision weights name"):
+        models.build("resnet18", weights="NOT_A_WEIGHT")
+    with pytest.raises(TypeError, match="weights"):
+        models.build("four_layer", weights=3)
+    with pytest.raises(ValueError, match="name must be one of"):
+        models.default_spec("alexnet")
