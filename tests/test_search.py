@@ -117,3 +117,77 @@ def test_results_file_of_another_space_is_refused(tmp_path):
 def test_bad_beam_is_refused():
     with pytest.raises(ValueError, match="beam"):
         search.bfs_space(SPACE, CountingScore(), toy_macs, None, beam=0, progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# On a real (tiny) series model
+
+def tiny_model():
+    import torch.nn as nn
+    from gross_kernels import SeriesConv2d
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        SeriesConv2d(8, 8, 3, [1, 2, 4, 8], padding=1), nn.ReLU(),
+        SeriesConv2d(8, 12, 3, [2, 8], bottleneck=(8, 12), stride=2, padding=1),
+        nn.Flatten(), nn.Linear(12 * 4 * 4, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+def tiny_loader(model, n=40, batch=16):
+    # Labels are the model's own predictions at the largest configuration (accuracy 1 there), so
+    # smaller configurations score visibly less.
+    from gross.config import extreme_config, set_config
+
+    x = torch.randn(n, 3, 8, 8)
+    set_config(model, extreme_config(model))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
+
+
+def test_evaluate_matches_one_configuration_at_a_time():
+    from gross.config import set_config
+
+    model = tiny_model()
+    loader = tiny_loader(model)
+    configs = [{"4": 8, "2": 1}, {"4": 2, "2": 4}, {"4": 8, "2": 8}]
+    accs = search.evaluate(model, configs, loader)
+    for config, acc in zip(configs, accs):
+        set_config(model, config)
+        with torch.no_grad():
+            expected = sum((model(x).argmax(1) == y).sum().item() for x, y in loader) / 40
+        assert acc == pytest.approx(expected)
+    assert accs[2] == 1.0 and min(accs) < 1.0
+
+
+def test_macs_table_matches_count_macs_for_every_configuration():
+    from gross.config import set_config
+    from gross.macs import count_macs
+
+    model = tiny_model()
+    table = search.MacsTable(model, (3, 8, 8))
+    for g2 in (1, 2, 4, 8):
+        for g4 in (2, 8):
+            set_config(model, {"2": g2, "4": g4})
+            assert table({"2": g2, "4": g4}) == count_macs(model, (3, 8, 8))
+
+
+def test_model_search_exhaustive_and_bfs(tmp_path):
+    model = tiny_model()
+    loader = tiny_loader(model)
+    table = search.MacsTable(model, (3, 8, 8))
+    budget = table({"2": 4, "4": 8})
+    path = str(tmp_path / "r.jsonl")
+    full = search.exhaustive(model, loader, (3, 8, 8), budget, results=path, configs_per_pass=3, progress=False)
+    assert all(e.macs <= budget for e in full.ranked) and len(full.ranked) >= 2
+    direct = search.evaluate(model, [e.config for e in full.ranked], loader)
+    assert [e.accuracy for e in full.ranked] == pytest.approx(direct)
+    wide = search.bfs(model, loader, (3, 8, 8), budget, beam=100, results=path, progress=False)
+    assert {search._key(e.config) for e in wide.ranked} <= {search._key(e.config) for e in full.ranked}
+    assert wide.best.accuracy <= full.best.accuracy
+    with pytest.raises(ValueError, match="below the smallest"):
+        search.exhaustive(model, loader, (3, 8, 8), table({"2": 1, "4": 2}) - 1, progress=False)

@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gross.config import config_space, series_layers, set_config
+from gross.macs import count_macs
 
 
 @dataclass(frozen=True)
@@ -93,11 +94,12 @@ def evaluate(model, configs, loader, device="cpu", progress=False):
 
 
 class MacsTable:
-    """MACs of any configuration from one count per group-size index, since MACs add up per layer."""
+    """MACs of any configuration from one count per group-size index, since MACs add up per layer.
+
+    `input_size` is one input's (C, H, W), as for `gross.count_macs`.
+    """
 
     def __init__(self, model, input_size):
-        from gross.macs import count_macs
-
         space = config_space(model)
         previous = {name: layer.group_size for name, layer in series_layers(model).items()}
         self.per_layer = {name: {} for name in space}
@@ -107,7 +109,10 @@ class MacsTable:
                 # Index j of every layer at once (clamped to its largest size): one count per index.
                 config = {name: sizes[min(j, len(sizes) - 1)] for name, sizes in space.items()}
                 set_config(model, config)
-                total, layers = count_macs(model, input_size, per_layer=True)
+                total, rows = count_macs(model, input_size, per_layer=True)
+                layers = {}
+                for row in rows:  # one row per call: a layer run twice counts twice
+                    layers[row["layer"]] = layers.get(row["layer"], 0) + row["macs"]
                 for name, g in config.items():
                     self.per_layer[name][g] = int(layers[name])
                 if j == 0:
