@@ -12,7 +12,6 @@
 namespace gross {
 namespace {
 
-using gemm::Tile;
 using idx::ConvGeom;
 using idx::SeriesTerms;
 
@@ -60,11 +59,11 @@ template <class P, typename acc_t>
 void launch_gemm(const P& p, int groups, cudaStream_t stream) {
   const int ncol = p.Ncol();
   if (ncol <= 16)
-    launch_gemm_cfg<Tile<64, 16, 16, 4, 4>, P, acc_t>(p, groups, 1, stream);
+    launch_gemm_cfg<gemm::TileN16, P, acc_t>(p, groups, 1, stream);
   else if (ncol <= 32)
-    launch_gemm_cfg<Tile<64, 32, 16, 4, 4>, P, acc_t>(p, groups, 1, stream);
+    launch_gemm_cfg<gemm::TileN32, P, acc_t>(p, groups, 1, stream);
   else
-    launch_gemm_cfg<Tile<64, 64, 16, 4, 4>, P, acc_t>(p, groups, 1, stream);
+    launch_gemm_cfg<gemm::TileN64, P, acc_t>(p, groups, 1, stream);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -176,9 +175,7 @@ template <class Cfg, typename scalar_t, typename acc_t>
 at::Tensor weight_partials(const gemm::BackwardWeightProblem<scalar_t, acc_t>& proto, const at::Tensor& like,
                            int& splits, cudaStream_t stream) {
   const ConvGeom& s = proto.s;
-  const int64_t blocks_mn = idx::ceil_div(proto.M(), Cfg::BM) * idx::ceil_div(proto.Ncol(), Cfg::BN) * s.groups;
-  splits = idx::choose_splits(blocks_mn, proto.K(), Cfg::BK);
-  if (splits * static_cast<int64_t>(s.groups) > kMaxGridYZ) splits = static_cast<int>(kMaxGridYZ / s.groups);
+  splits = gemm::weight_splits<Cfg>(proto);
   const auto acc_type = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
   at::Tensor ws = at::empty({splits, s.T, s.G * s.kh * s.kw}, like.options().dtype(acc_type));
   auto p = proto;
@@ -211,8 +208,8 @@ std::vector<at::Tensor> backward_weight_cuda(const at::Tensor& gz_in, const at::
     const gemm::BackwardWeightProblem<scalar_t, acc_t> proto{gz.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), nullptr,
                                                              s};
     int splits = 1;
-    const at::Tensor ws = s.toG <= 16 ? weight_partials<Tile<16, 64, 16, 2, 4>>(proto, x, splits, stream)
-                                      : weight_partials<Tile<64, 64, 16, 4, 4>>(proto, x, splits, stream);
+    const at::Tensor ws = s.toG <= 16 ? weight_partials<gemm::TileW16>(proto, x, splits, stream)
+                                      : weight_partials<gemm::TileW64>(proto, x, splits, stream);
     for (size_t i = 0; i < act.size(); ++i) {
       const int g = static_cast<int>(act[i].size(1));
       const int64_t numel = grads[i].numel();

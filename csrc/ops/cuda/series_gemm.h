@@ -31,6 +31,14 @@ struct Tile {
   static_assert(BM % TM == 0 && BN % TN == 0, "tile must divide into thread tiles");
 };
 
+// The tiles the kernels launch: N tiles 16/32/64 wide for the forward and input-gradient passes
+// (the narrowest covering the columns), and an M tile of 16 or 64 output channels for the weight gradient.
+using TileN16 = Tile<64, 16, 16, 4, 4>;
+using TileN32 = Tile<64, 32, 16, 4, 4>;
+using TileN64 = Tile<64, 64, 16, 4, 4>;
+using TileW16 = Tile<16, 64, 16, 2, 4>;
+using TileW64 = Tile<64, 64, 16, 4, 4>;
+
 // The forward pass: A = im2col(x) gathered on the fly, B = W_eff.
 template <typename scalar_t, typename acc_t>
 struct ForwardProblem {
@@ -131,6 +139,14 @@ struct BackwardWeightProblem {
     ws[(static_cast<int64_t>(split) * s.T + g * s.toG + m) * (s.G * s.kh * s.kw) + n] = v;
   }
 };
+
+// Split-K count of the weight-gradient GEMM with tile Cfg (grid.z = groups * splits <= 65535).
+template <class Cfg, typename scalar_t, typename acc_t>
+GK_HD int weight_splits(const BackwardWeightProblem<scalar_t, acc_t>& p) {
+  const int64_t blocks_mn = idx::ceil_div(p.M(), Cfg::BM) * idx::ceil_div(p.Ncol(), Cfg::BN) * p.s.groups;
+  const int sp = idx::choose_splits(blocks_mn, p.K(), Cfg::BK);
+  return sp * static_cast<int64_t>(p.s.groups) > 65535 ? static_cast<int>(65535 / p.s.groups) : sp;
+}
 
 // Gradient of element e of a term with group size g (to outputs per group), shaped (T, g, kh, kw):
 // the sum over splits of the matching W_eff gradient entry.

@@ -48,6 +48,8 @@ inline std::vector<at::Tensor> active_cores(const at::Tensor& like, at::TensorLi
                 "] must match the input's device and dtype");
     TORCH_CHECK(c.size(0) == cores[0].size(0) && c.size(2) == cores[0].size(2) && c.size(3) == cores[0].size(3),
                 "cores[", i, "] must share T, kh, kw with cores[0]");
+    TORCH_CHECK(S % group_sizes[i] == 0 && c.size(0) % (S / group_sizes[i]) == 0, "group size ", group_sizes[i],
+                " must divide S = ", S, " and S / g must divide T = ", c.size(0));
     out.push_back(c.contiguous());
   }
   return out;
@@ -59,29 +61,18 @@ inline idx::ConvGeom make_geom(at::IntArrayRef in_shape, const at::Tensor& core0
   TORCH_CHECK(in_shape.size() == 4, "input must be 4-D (N, S, H, W), got shape ", in_shape);
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
               "stride, padding and dilation must have 2 entries each");
-  idx::ConvGeom s{};
-  s.N = static_cast<int>(in_shape[0]);
-  s.S = static_cast<int>(in_shape[1]);
-  s.H = static_cast<int>(in_shape[2]);
-  s.W = static_cast<int>(in_shape[3]);
-  s.T = static_cast<int>(core0.size(0));
-  s.kh = static_cast<int>(core0.size(2));
-  s.kw = static_cast<int>(core0.size(3));
-  s.sh = static_cast<int>(stride[0]);
-  s.sw = static_cast<int>(stride[1]);
-  s.ph = static_cast<int>(padding[0]);
-  s.pw = static_cast<int>(padding[1]);
-  s.dh = static_cast<int>(dilation[0]);
-  s.dw = static_cast<int>(dilation[1]);
-  TORCH_CHECK(s.sh >= 1 && s.sw >= 1 && s.dh >= 1 && s.dw >= 1 && s.ph >= 0 && s.pw >= 0,
-              "stride and dilation must be >= 1 and padding >= 0");
-  s.Ho = idx::conv_out_size(s.H, s.kh, s.sh, s.ph, s.dh);
-  s.Wo = idx::conv_out_size(s.W, s.kw, s.sw, s.pw, s.dw);
+  for (int i = 0; i < 2; ++i)
+    TORCH_CHECK(stride[i] >= 1 && dilation[i] >= 1 && padding[i] >= 0,
+                "stride and dilation must be >= 1 and padding >= 0");
+  TORCH_CHECK(group_size >= 1 && in_shape[1] % group_size == 0, "group_size ", group_size, " must divide S = ",
+              in_shape[1]);
+  auto i32 = [](int64_t v) { return static_cast<int>(v); };
+  const idx::ConvGeom s = idx::make_geom(
+      i32(in_shape[0]), i32(in_shape[1]), i32(in_shape[2]), i32(in_shape[3]), i32(core0.size(0)), i32(core0.size(2)),
+      i32(core0.size(3)), i32(stride[0]), i32(stride[1]), i32(padding[0]), i32(padding[1]), i32(dilation[0]),
+      i32(dilation[1]), i32(group_size));
   TORCH_CHECK(s.Ho > 0 && s.Wo > 0, "the dilated kernel does not fit the padded input");
-  s.G = static_cast<int>(group_size);
-  s.groups = s.S / s.G;
   TORCH_CHECK(s.T % s.groups == 0, "T = ", s.T, " must be divisible by S / group_size = ", s.groups);
-  s.toG = s.T / s.groups;
   TORCH_CHECK(static_cast<int64_t>(s.N) * s.S * s.H * s.W < (int64_t(1) << 31) &&
                   static_cast<int64_t>(s.N) * s.T * s.Ho * s.Wo < (int64_t(1) << 31),
               "tensors over 2^31 elements are not supported by the CUDA kernels");

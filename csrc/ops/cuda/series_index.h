@@ -15,9 +15,10 @@ namespace idx {
 // ---------------------------------------------------------------------------------------------
 // Convolution geometry along one spatial axis.
 
-// Output length of a convolution; <= 0 when the (dilated) kernel does not fit.
+// Output length of a convolution; 0 when the (dilated) kernel does not fit the padded input.
 GK_HD int conv_out_size(int in, int k, int stride, int pad, int dil) {
-  return (in + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+  const int span = in + 2 * pad - dil * (k - 1) - 1;
+  return span < 0 ? 0 : span / stride + 1;  // C division truncates toward zero: guard negatives
 }
 
 // Input coordinate read by output coordinate `o` at kernel tap `kk` (may fall in the padding).
@@ -85,6 +86,18 @@ struct ConvGeom {
   int kh, kw, sh, sw, ph, pw, dh, dw;
   int G, groups, toG;  // active group size, S / G groups, T / groups outputs per group
 };
+
+// Fills the derived fields (output size, groups, outputs per group) from the raw shapes; the
+// caller checks validity (positive output, S % G == 0, T % (S / G) == 0).
+GK_HD ConvGeom make_geom(int N, int S, int H, int W, int T, int kh, int kw, int sh, int sw, int ph, int pw, int dh,
+                         int dw, int G) {
+  ConvGeom s{N, S, H, W, T, 0, 0, kh, kw, sh, sw, ph, pw, dh, dw, G, 0, 0};
+  s.Ho = conv_out_size(H, kh, sh, ph, dh);
+  s.Wo = conv_out_size(W, kw, sw, pw, dw);
+  s.groups = S / G;
+  s.toG = T / s.groups;
+  return s;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Work decomposition.
