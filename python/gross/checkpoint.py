@@ -17,7 +17,10 @@ class CheckpointError(ValueError):
 
 def model_signature(model):
     """JSON-able description of a model's architecture: class and every state-dict entry's name, shape, dtype."""
-    entries = [[k, list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()]
+    # Non-tensor entries (a module's extra state, e.g. a SeriesConv2d's active size) count by type only:
+    # the architecture is fixed by the tensors' shapes, not by which configuration is active.
+    entries = [[k, list(v.shape), str(v.dtype)] if isinstance(v, torch.Tensor) else [k, type(v).__name__]
+               for k, v in model.state_dict().items()]
     digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()
     return {"class": type(model).__name__, "state": digest}
 

@@ -1,0 +1,94 @@
+"""DDP: `torchrun` with 2 CPU processes (gloo) trains exactly like one process on the doubled batch."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from gross import data, train
+from pipeline_helpers import one_thread, series_four_layer, small_embedded  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+MODES = ("plain", "search")
+
+# Shared by the workers and the single-process reference, so both build the same run.
+_SETUP = textwrap.dedent("""
+    import torch
+    from gross import models, train
+    from pipeline_helpers import series_four_layer
+
+    def setup(mode):
+        torch.manual_seed(0)
+        model = series_four_layer() if mode == "search" else models.build("four_layer")
+        recipe = train.Recipe(epochs=2, lr=0.05, milestones=(1,), sample=mode == "search",
+                              series_only=mode == "search")
+        return model, recipe
+""")
+
+_WORKER = _SETUP + textwrap.dedent("""
+    import json, sys
+    import torch.distributed as dist
+    from gross import data, distributed
+    from pipeline_helpers import small_embedded
+
+    torch.set_num_threads(1)
+    rank, world = distributed.init_from_env()  # joins the group torchrun describes
+    assert world == 2 and dist.get_backend() == "gloo"
+    for mode in sys.argv[2:]:
+        out = f"{sys.argv[1]}/{mode}"
+        model, recipe = setup(mode)
+        loaders = data.make_loaders(*small_embedded(128, 64), batch_size=16, shuffle=False)
+        result = train.fit(model, loaders[0], loaders[1], recipe, out_dir=out, progress=False, seed=4)
+        torch.save(model.state_dict(), f"{out}/rank{rank}.pt")
+        with open(f"{out}/history{rank}.json", "w") as f:
+            json.dump(result.history, f)
+    dist.destroy_process_group()
+""")
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """One torchrun launch (2 processes) training every mode; returns the output folder."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    script = tmp / "worker.py"
+    script.write_text(_WORKER)
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    path = [here, root, os.path.join(root, "python"), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(path))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                           "--nproc_per_node", "2", str(script), str(tmp), *MODES],
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return tmp
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torchrun_two_processes_match_single_process(ddp_runs, mode):
+    out = ddp_runs / mode
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    histories = [json.loads((out / f"history{r}.json").read_text()) for r in range(2)]
+
+    namespace = {}
+    exec(_SETUP, namespace)
+    model, recipe = namespace["setup"](mode)
+    # Unshuffled: rank 0 sees samples 0, 2, 4, …, rank 1 sees 1, 3, 5, …, so the averaged
+    # gradient of two 16-sample batches is the gradient of one 32-sample batch.
+    loaders = data.make_loaders(*small_embedded(128, 64), batch_size=32, shuffle=False)
+    single = train.fit(model, loaders[0], loaders[1], recipe, progress=False, seed=4)
+
+    for key, value in single.model.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(ranks[0][key], ranks[1][key]), key  # replicas stay identical
+            assert torch.allclose(ranks[0][key], value, rtol=1e-4, atol=1e-6), key
+    assert [{k: v for k, v in row.items() if k != "seconds"} for row in histories[0]] == [
+        {k: v for k, v in row.items() if k != "seconds"} for row in histories[1]]
+    for row_ddp, row_single in zip(histories[0], single.history):
+        assert row_ddp["train_loss"] == pytest.approx(row_single["train_loss"], rel=1e-4)
+        for key in row_single:
+            if key.startswith("val_acc"):
+                assert row_ddp[key] == row_single[key]  # exact shards, summed counts
+    assert (out / train.CHECKPOINT_NAME).exists() and (out / "metrics.csv").exists()
