@@ -1,6 +1,7 @@
 """CPU tests of the CUDA kernels' index helpers and an emulation of their block loops against the oracle."""
 import ctypes
 import os
+import random
 import shutil
 import subprocess
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from oracle import naive_bottleneck, naive_series_conv
+from series_cases import random_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = os.path.join(ROOT, "csrc", "tests", "test_index.cpp")
@@ -66,8 +68,19 @@ def make_case(case, G):
     return x, cores, active, geom
 
 
+def random_cases(count, seed=11):
+    """The shared random series cases (tests/series_cases.py) in this file's tuple form."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        c = random_case(rng)
+        out.append((c.batch, c.S, *c.hw, c.T, c.kernel, c.stride, c.padding, c.dilation, c.group_sizes))
+    return out
+
+
 def case_ids():
-    return [(c, G) for c in CASES for G in c[-1]]
+    return [(c, G) for c in CASES for G in c[-1]] + [(c, random.Random(i).choice(c[-1]))
+                                                     for i, c in enumerate(random_cases(20))]
 
 
 def test_index_helpers_brute_force(lib):
