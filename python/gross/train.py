@@ -155,11 +155,6 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def _tuple_state(obj):
-    # weights_only loading returns python's random state as lists; random.setstate needs tuples.
-    return tuple(_tuple_state(o) for o in obj) if isinstance(obj, list) else obj
-
-
 def _write_metrics(out_dir, history):
     with open(os.path.join(out_dir, "metrics.json.tmp"), "w") as f:
         json.dump(history, f, indent=1)
@@ -229,19 +224,18 @@ def fit(model, train_loader, val_loader, recipe, out_dir=None, device=None, resu
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=recipe.sample)
     signature = {"model": checkpoint.model_signature(model), "recipe": recipe.to_dict(), "seed": seed,
-                 "world_size": world}
+                 "world_size": world, "amp": use_amp}
     ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME) if out_dir is not None else None
     history, start_epoch = [], 0
     if resume and os.path.isfile(ckpt_path):
-        state = checkpoint.load(ckpt_path, signature, map_location=device)
+        # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest to the model's device.
+        state = checkpoint.load(ckpt_path, signature, map_location="cpu")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         sample_gen.set_state(state["sample_generator"])
-        rng = state["rng"][rank]
-        rng["python"] = _tuple_state(rng["python"])
-        _set_rng_state(rng)
+        _set_rng_state(state["rng"][rank])
         history, start_epoch = state["history"], state["epoch"]
     else:
         seed_everything(seed + rank)
