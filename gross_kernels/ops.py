@@ -194,17 +194,17 @@ _bottleneck_op.register_autograd(_bottleneck_backward, setup_context=_bottleneck
 def _autocast(*tensor_groups):
     """Cast floating tensors to the autocast dtype when autocast is on for their device."""
     x = tensor_groups[0]
+    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return tensor_groups  # bad input is reported by the validation that follows
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return tensor_groups
     dtype = torch.get_autocast_dtype(device_type)
 
     def cast(t):
-        if t is None:
-            return None
         if isinstance(t, torch.Tensor):
             return t.to(dtype) if t.dtype.is_floating_point else t
-        return [cast(item) for item in t]
+        if isinstance(t, (list, tuple)):
+            return [cast(item) for item in t]
+        return t
 
     return tuple(cast(group) for group in tensor_groups)
 

@@ -1,0 +1,198 @@
+"""Public series ops: every CPU backend against the naive oracle, gradcheck, opcheck, compile, autocast."""
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import gross_kernels as gk
+from oracle import naive_bottleneck, naive_series_conv
+from series_cases import random_case
+
+CPU_BACKENDS = [b for b in gk.available_backends("cpu")]
+# The Triton interpreter runs every program in Python: it gets fewer (still random) cases here;
+# tests/test_triton_kernels.py covers it in depth.
+CASES_PER_BACKEND = {"reference": 200, "cpp": 200, "triton": 24}
+# float32 kernels vs a float64 oracle: errors scale with the reduction length (g·kh·kw ≤ 18·25).
+F32_RTOL, F32_ATOL = 1e-4, 1e-4
+
+
+def _oracle_grads(x, cores, case, grad_out):
+    x = x.detach().double().requires_grad_()
+    cores = [c.detach().double().requires_grad_() for c in cores]
+    z = naive_series_conv(x, cores, case.group_sizes, case.group_size, *case.geometry())
+    grads = torch.autograd.grad(z, [x, *cores], grad_out.double(), allow_unused=True)
+    grads = [g if g is not None else torch.zeros_like(c) for g, c in zip(grads, [x, *cores])]
+    return z, grads
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_series_conv_matches_oracle_on_random_cases(backend):
+    rng = random.Random(1234)
+    gen = torch.Generator().manual_seed(1234)
+    for index in range(CASES_PER_BACKEND.get(backend, 200)):
+        case = random_case(rng, max_hw=7 if backend == "triton" else 9)
+        x, cores = case.tensors(torch.float32, gen)
+        x.requires_grad_()
+        for c in cores:
+            c.requires_grad_()
+        z = gk.series_grouped_conv2d(x, cores, case.group_sizes, case.group_size,
+                                     *case.geometry(), backend=backend)
+        grad_out = torch.randn(z.shape, generator=gen)
+        grads = torch.autograd.grad(z, [x, *cores], grad_out)
+        z_ref, grads_ref = _oracle_grads(x, cores, case, grad_out)
+        what = f"case {index}: {case}"
+        torch.testing.assert_close(z.double(), z_ref, rtol=F32_RTOL, atol=F32_ATOL, msg=what)
+        for name, g, g_ref in zip(["x"] + [f"cores[{i}]" for i in range(len(cores))], grads,
+                                  grads_ref):
+            torch.testing.assert_close(g.double(), g_ref, rtol=F32_RTOL, atol=F32_ATOL,
+                                       msg=lambda m: f"grad {name}, {what}: {m}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bottleneck_matches_oracle(backend):
+    rng = random.Random(99)
+    gen = torch.Generator().manual_seed(99)
+    for index in range(12 if backend == "triton" else 40):
+        case = random_case(rng, max_hw=7)
+        C_in, C_out = rng.randint(1, 7), rng.randint(1, 7)
+        x = torch.randn(case.batch, C_in, *case.hw, generator=gen, requires_grad=True)
+        n = len(case.group_sizes)
+        firsts = [torch.randn(case.S, C_in, 1, 1, generator=gen, requires_grad=True) for _ in range(n)]
+        cores = [torch.randn(case.T, g, *case.kernel, generator=gen, requires_grad=True)
+                 for g in case.group_sizes]
+        lasts = [torch.randn(C_out, case.T, 1, 1, generator=gen, requires_grad=True) for _ in range(n)]
+        bias = torch.randn(C_out, generator=gen, requires_grad=True) if index % 2 else None
+        args = (firsts, cores, lasts, bias, case.group_sizes, case.group_size, *case.geometry())
+        y = gk.series_bottleneck_conv2d(x, *args, backend=backend)
+        leaves = [x, *firsts, *cores, *lasts] + ([bias] if bias is not None else [])
+        grad_out = torch.randn(y.shape, generator=gen)
+        grads = torch.autograd.grad(y, leaves, grad_out)
+        y_ref = naive_bottleneck(x, *args)
+        grads_ref = torch.autograd.grad(y_ref, leaves, grad_out, allow_unused=True)
+        scale = max(1.0, y_ref.abs().max().item())
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4 * scale, msg=f"case {index}")
+        for g, g_ref, leaf in zip(grads, grads_ref, leaves):
+            g_ref = torch.zeros_like(leaf) if g_ref is None else g_ref
+            gscale = max(1.0, g_ref.abs().max().item())
+            torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4 * gscale,
+                                       msg=f"case {index}")
+
+
+def test_inactive_terms_get_zero_gradient():
+    x = torch.randn(2, 8, 5, 5)
+    cores = [torch.randn(8, g, 3, 3, requires_grad=True) for g in (1, 2, 4)]
+    z = gk.series_grouped_conv2d(x, cores, (1, 2, 4), 2, padding=1)
+    z.square().sum().backward()
+    assert cores[0].grad.abs().sum() > 0 and cores[1].grad.abs().sum() > 0
+    assert torch.equal(cores[2].grad, torch.zeros_like(cores[2]))
+
+
+GRADCHECK_BACKENDS = [b for b in ("reference", "cpp") if b in CPU_BACKENDS]
+
+
+@pytest.mark.parametrize("backend", GRADCHECK_BACKENDS)
+def test_gradcheck_float64(backend):
+    rng = random.Random(7)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(4):
+        case = random_case(rng, max_hw=6)
+        x, cores = case.tensors(torch.float64, gen)
+        leaves = [x.requires_grad_()] + [c.requires_grad_() for c in cores]
+
+        def f(x, *cores):
+            return gk.series_grouped_conv2d(x, cores, case.group_sizes, case.group_size,
+                                            *case.geometry(), backend=backend)
+
+        assert torch.autograd.gradcheck(f, leaves)
+    firsts = [torch.randn(4, 3, 1, 1, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    cores = [torch.randn(8, g, 3, 3, dtype=torch.float64, requires_grad=True) for g in (1, 2)]
+    lasts = [torch.randn(5, 8, 1, 1, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+
+    def g(x, a0, a1, b0, b1, c0, c1, bias):
+        return gk.series_bottleneck_conv2d(x, [a0, a1], [b0, b1], [c0, c1], bias, (1, 2), 2,
+                                           stride=2, padding=1, backend=backend)
+
+    assert torch.autograd.gradcheck(g, (x, *firsts, *cores, *lasts, bias))
+
+
+def _opcheck_args(backend):
+    x = torch.randn(2, 4, 6, 5, requires_grad=True)
+    cores = [torch.randn(8, g, 3, 3, requires_grad=True) for g in (1, 2, 4)]
+    series = (x, cores, [1, 2, 4], 2, [1, 1], [1, 1], [1, 1], backend)
+    firsts = [torch.randn(4, 3, 1, 1, requires_grad=True) for _ in range(3)]
+    lasts = [torch.randn(5, 8, 1, 1, requires_grad=True) for _ in range(3)]
+    xb = torch.randn(2, 3, 6, 5, requires_grad=True)
+    bottleneck = (xb, firsts, cores, lasts, torch.randn(5, requires_grad=True), [1, 2, 4], 4,
+                  [2, 2], [1, 1], [1, 1], backend)
+    return series, bottleneck
+
+
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpp") if b in CPU_BACKENDS])
+def test_opcheck(backend):
+    series, bottleneck = _opcheck_args(backend)
+    torch.library.opcheck(torch.ops.gross.series_grouped_conv2d.default, series)
+    torch.library.opcheck(torch.ops.gross.series_bottleneck_conv2d.default, bottleneck)
+    x, cores = series[0], series[1]
+    grad = torch.randn(2, 8, 6, 5)
+    torch.library.opcheck(torch.ops.gross.series_grouped_conv2d_backward.default,
+                          (grad, x.detach(), [c.detach() for c in cores], *series[2:], True, True))
+
+
+class _SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.series = gk.SeriesConv2d(8, 6, 3, (1, 2, 4, 8), stride=2, padding=1)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        y = self.series(torch.relu(self.conv(x)))
+        return self.head(y.mean(dim=(2, 3)))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    net = _SmallNet()
+    for p in net.series.parameters():
+        nn.init.normal_(p, std=0.3)
+    net.series.group_size = 4
+    x = torch.randn(2, 3, 9, 9, requires_grad=True)
+    eager = net(x)
+    eager_grads = torch.autograd.grad(eager.square().sum(), [x, *net.parameters()])
+    compiled = torch.compile(net, fullgraph=True)
+    out = compiled(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *net.parameters()])
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for g, ge in zip(grads, eager_grads):
+        torch.testing.assert_close(g, ge, rtol=1e-4, atol=1e-5)
+
+
+def test_autocast_bfloat16_on_cpu():
+    layer = gk.SeriesConv2d(4, 4, 3, (1, 2, 4), padding=1)
+    x = torch.randn(2, 4, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), layer(x), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_channels_last_in_channels_last_out(backend):
+    x = torch.randn(2, 8, 7, 7).contiguous(memory_format=torch.channels_last)
+    cores = [torch.randn(8, g, 3, 3) for g in (2, 4)]
+    z = gk.series_grouped_conv2d(x, cores, (2, 4), 4, padding=1, backend=backend)
+    assert z.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(z, naive_series_conv(x, cores, (2, 4), 4, padding=1),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_available_backends_and_forced_unavailable_backend():
+    names = gk.available_backends()
+    assert "reference" in names
+    assert set(names) <= {"reference", "cpp", "triton", "cuda"}
+    if not torch.cuda.is_available():
+        with pytest.raises(gk.BackendUnavailableError, match="cuda"):
+            gk.series_grouped_conv2d(torch.randn(1, 2, 4, 4), [torch.randn(2, 1, 3, 3)], (1,), 1,
+                                     backend="cuda")
