@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -157,3 +156,148 @@ def reconstruct(A, B, C):
     G = B.shape[1]
     full = reference.expand_core(B, S, G, S)  # (T, S, kh, kw): one group, zeros off the blocks
     return torch.einsum("ot,tskl,sc->ockl", C[:, :, 0, 0], full, A[:, :, 0, 0])
+
+
+def _align(result, previous):
+    """Rotate each block's bases (orthogonal Procrustes) towards the previous size's factors.
+
+    The reconstruction is unchanged; the residual terms A_j = A^(j) − A^(j−1) etc. become small,
+    so every term of the series starts close to the ones below it (the GroSS shared basis).
+    """
+    A, B, C = (t.double() for t in result)
+    S, c_in = A.shape[:2]
+    T, G, kh, kw = B.shape
+    nb, tb = S // G, T // (S // G)
+    V = A.reshape(nb, G, c_in).mT                     # (nb, C_in, G)
+    U = C.reshape(-1, nb, tb).permute(1, 0, 2)        # (nb, C_out, tb)
+    V_ref = previous.A.double().reshape(nb, G, c_in).mT
+    U_ref = previous.C.double().reshape(-1, nb, tb).permute(1, 0, 2)
+
+    def polar(M):
+        P, _, Rh = torch.linalg.svd(M)
+        return P @ Rh
+
+    Qv, Qu = polar(V.mT @ V_ref), polar(U.mT @ U_ref)
+    K = B.reshape(nb, tb, G, kh * kw)
+    K = torch.einsum("bts,btgp,bgh->bshp", Qu, K, Qv)
+    like = dict(dtype=result.A.dtype, device=result.A.device)
+    return BTDResult((V @ Qv).mT.reshape(S, c_in, 1, 1).to(**like), K.reshape(T, G, kh, kw).to(**like),
+                     (U @ Qu).permute(1, 0, 2).reshape(-1, T, 1, 1).to(**like),
+                     result.rel_error, result.iterations)
+
+
+def _conv_padding(conv):
+    """The conv's padding as ints ('valid' → 0, 'same' → half the dilated kernel when symmetric)."""
+    if not isinstance(conv.padding, str):
+        return tuple(conv.padding)
+    if conv.padding == "valid":
+        return (0, 0)
+    total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+    if any(t % 2 for t in total):
+        raise ValueError(f"padding='same' with kernel_size={conv.kernel_size} and dilation={conv.dilation} "
+                         "needs asymmetric padding, which SeriesConv2d does not support")
+    return tuple(t // 2 for t in total)
+
+
+def _check_conv(conv):
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+    if conv.groups != 1:
+        raise ValueError(f"conv must be an ungrouped convolution (groups=1), got groups={conv.groups}")
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"conv must use padding_mode='zeros', got {conv.padding_mode!r}")
+
+
+def series(conv, group_sizes, bottleneck=None, tol=1e-5, max_iter=500, device=None, return_results=False):
+    """A `SeriesConv2d` whose configuration at each group size g computes the BTD of `conv` at g.
+
+    Sizes are decomposed in ascending order, each warm-started from the previous (finer) one and
+    its bases aligned to it; term j stores A^(j) − A^(j−1), C^(j) − C^(j−1) and
+    B^(j) − expand(B^(j−1)), so the partial sums of the terms are exactly the BTD at g_j.
+    Stride, padding, dilation and bias carry over. With `return_results`, returns
+    `(layer, [BTDResult per size])`.
+    """
+    _check_conv(conv)
+    W = conv.weight.detach()
+    c_out, c_in = W.shape[:2]
+    S, T = _bottleneck_pair(bottleneck, c_in, c_out)
+    sizes = check_series(group_sizes, S, T)
+    layer = gk.SeriesConv2d(c_in, c_out, conv.kernel_size, sizes, (S, T), stride=conv.stride,
+                            padding=_conv_padding(conv), dilation=conv.dilation, bias=conv.bias is not None)
+    layer.to(device=W.device, dtype=W.dtype)
+    results, prev = [], None
+    with torch.no_grad():
+        for j, g in enumerate(sizes):
+            res = btd(W, g, (S, T), tol=tol, max_iter=max_iter, init="hosvd" if prev is None else prev,
+                      device=device)
+            if prev is None:
+                layer.firsts[j].copy_(res.A)
+                layer.cores[j].copy_(res.B)
+                layer.lasts[j].copy_(res.C)
+            else:
+                res = _align(res, prev)
+                layer.firsts[j].copy_(res.A - prev.A)
+                layer.cores[j].copy_(res.B - reference.expand_core(prev.B, S, prev.group_size, g))
+                layer.lasts[j].copy_(res.C - prev.C)
+            results.append(res)
+            prev = res
+        if conv.bias is not None:
+            layer.bias.copy_(conv.bias)
+    return (layer, results) if return_results else layer
+
+
+def _spec_entry(name, entry):
+    if not isinstance(entry, dict) or "group_sizes" not in entry:
+        raise TypeError(f"spec[{name!r}] must be a dict with 'group_sizes' (and optional 'bottleneck'), "
+                        f"got {entry!r}")
+    unknown = set(entry) - {"group_sizes", "bottleneck"}
+    if unknown:
+        raise ValueError(f"spec[{name!r}] has unknown keys {sorted(unknown)}")
+    bottleneck = entry.get("bottleneck")
+    if isinstance(bottleneck, list):
+        bottleneck = tuple(bottleneck)
+    return list(entry["group_sizes"]), bottleneck
+
+
+def convert(model, spec, inplace=True, init="decompose", progress=True, device=None, tol=1e-5, max_iter=500):
+    """Replace the Conv2d layers named in `spec` by their group-size series; returns the model.
+
+    `spec` maps names from `model.named_modules()` to `{"group_sizes": [...], "bottleneck": S |
+    [S, T] | None}`. `init="decompose"` fits each layer's series by BTD (on `device` if given);
+    `init="random"` builds SeriesConv2d layers with their default random initialisation, without
+    decomposing. `inplace=False` converts a deep copy. Errors name the offending layer.
+    """
+    from tqdm import tqdm
+
+    if init not in ("decompose", "random"):
+        raise ValueError(f"init must be 'decompose' or 'random', got {init!r}")
+    if not isinstance(spec, dict):
+        raise TypeError(f"spec must be a dict of layer name → settings, got {type(spec).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    modules = dict(model.named_modules())
+    for name in spec:
+        if name not in modules:
+            raise ValueError(f"spec names layer {name!r}, which is not in the model")
+        if not isinstance(modules[name], nn.Conv2d):
+            raise TypeError(f"layer {name!r} is a {type(modules[name]).__name__}, not an nn.Conv2d")
+    for name in tqdm(list(spec), desc="decompose" if init == "decompose" else "series init",
+                     unit="layer", disable=not progress):
+        conv = modules[name]
+        group_sizes, bottleneck = _spec_entry(name, spec[name])
+        try:
+            if init == "decompose":
+                layer = series(conv, group_sizes, bottleneck, tol=tol, max_iter=max_iter, device=device)
+            else:
+                _check_conv(conv)
+                S, T = _bottleneck_pair(bottleneck, conv.in_channels, conv.out_channels)
+                layer = gk.SeriesConv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
+                                        check_series(group_sizes, S, T), (S, T), stride=conv.stride,
+                                        padding=_conv_padding(conv), dilation=conv.dilation,
+                                        bias=conv.bias is not None)
+                layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"layer {name!r}: {exc}") from exc
+        parent_name, _, attr = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, attr, layer)
+    return model
