@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not _extension.has_cpu_kernels(),
                                 reason=f"C++ CPU kernels not built: {_extension.error()}")
 ops = torch.ops.gross
 
-CASES = 240
+CASES = 200
 FIXED_SERIES = [((3, 9, 18), 18, 12), ((1, 2, 4), 8, 8), ((2, 4), 4, 6), ((1,), 5, 10), ((5, 10), 10, 24)]
 
 
@@ -159,8 +159,8 @@ def test_direct_callers_get_clear_errors(call, message):
 
 def test_public_op_gradcheck_cpp_backend():
     """Autograd of the public op through the C++ kernels, in float64."""
-    x = torch.randn(2, 6, 5, 7, dtype=torch.float64, requires_grad=True)
-    cores = [torch.randn(4, g, 3, 3, dtype=torch.float64, requires_grad=True) for g in (3, 6)]
+    x = torch.randn(1, 6, 5, 4, dtype=torch.float64, requires_grad=True)
+    cores = [torch.randn(2, g, 3, 1, dtype=torch.float64, requires_grad=True) for g in (3, 6)]
 
     def f(x, c0, c1):
         return gk.series_grouped_conv2d(x, [c0, c1], (3, 6), 6, stride=2, padding=1, dilation=1, backend="cpp")

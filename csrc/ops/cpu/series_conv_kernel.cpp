@@ -1,12 +1,13 @@
 // CPU kernels of the summed series of grouped convolutions: forward, grad-input, grad-weight.
 //
-// Work is split by (image n, block j of the active group size G, tile of output pixels). Each
-// item unfolds its G input channels once (im2col) and then, for every active term i, runs one
-// small GEMM per g_i-group nested in block j, so the series sum happens on the fly and no
-// expanded weight is ever built.
+// Work is split by (tile of whole images, block j of the active group size G). Each item unfolds
+// its G input channels once (im2col) and then, for every active term i, runs one batched GEMM
+// over the G/g_i groups of size g_i nested in block j. The series sum happens on the fly, in the
+// item's output tile, and no expanded weight is ever built.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "series_geometry.h"
@@ -16,48 +17,73 @@ namespace gross {
 namespace cpu {
 namespace {
 
-constexpr int64_t kTile = 256;  // output pixels per work item: keeps a G*kh*kw x kTile column in L2
+// Columns (images x output pixels) per tile: enough for efficient GEMMs, small enough that a
+// G*kh*kw x columns unfolding stays in cache.
+constexpr int64_t kColumns = 512;
 
-struct Terms {
-  std::vector<at::Tensor> w;  // contiguous active cores
+struct Tiling {
+  int64_t images;  // per tile
+  int64_t tiles;
+  int64_t L;       // columns of a full tile
 };
 
-Terms active_cores(at::TensorList cores, const SeriesGeometry& g) {
-  Terms t;
-  for (int64_t i = 0; i < g.active; ++i) t.w.push_back(cores[i].contiguous());
-  return t;
+Tiling tiling(const SeriesGeometry& g) {
+  const int64_t images = std::max<int64_t>(1, std::min<int64_t>(g.N, kColumns / g.P()));
+  return {images, (g.N + images - 1) / images, images * g.P()};
 }
 
-int64_t tiles(const SeriesGeometry& g) { return (g.P() + kTile - 1) / kTile; }
+std::vector<at::Tensor> active_cores(at::TensorList cores, const SeriesGeometry& g) {
+  std::vector<at::Tensor> w;
+  for (int64_t i = 0; i < g.active; ++i) w.push_back(cores[i].contiguous());
+  return w;
+}
+
+// A (batch, rows, cols) tensor over raw memory whose matrices are `rows * ld` apart, no autograd.
+template <typename T>
+at::Tensor batch_view(const T* data, int64_t batch, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<T*>(data), {batch, rows, cols}, {rows * ld, ld, 1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// Calls body(n0, images, j) for every (tile, block) item in parallel, below autograd.
+template <typename Body>
+void for_each_item(const SeriesGeometry& g, const Tiling& t, const Body& body) {
+  const int64_t nb = g.blocks();
+  at::parallel_for(0, t.tiles * nb, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView guard;  // the GEMMs below run on raw buffers
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n0 = item / nb * t.images;
+      body(n0, std::min(t.images, g.N - n0), item % nb);
+    }
+  });
+}
 
 at::Tensor forward(const at::Tensor& x, at::TensorList cores, at::IntArrayRef group_sizes, int64_t group_size,
                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   check_cpu_floating(x, cores, "series_conv_forward");
   const auto geo = make_geometry(x.sizes(), cores, group_sizes, group_size, stride, padding, dilation);
   const auto xc = x.contiguous();
-  const auto terms = active_cores(cores, geo);
-  auto z = at::zeros({geo.N, geo.T, geo.Ho, geo.Wo}, x.options());
-  const int64_t nt = tiles(geo), nb = geo.blocks(), P = geo.P(), kk = geo.kk();
+  const auto w = active_cores(cores, geo);
+  auto z = at::empty({geo.N, geo.T, geo.Ho, geo.Wo}, x.options());
+  const auto t = tiling(geo);
+  const int64_t P = geo.P(), kk = geo.kk(), tG = geo.out_per_block();
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "series_conv_forward_cpu", [&] {
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     scalar_t* zp = z.data_ptr<scalar_t>();
-    at::parallel_for(0, geo.N * nb * nt, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> col(geo.G * kk * std::min(kTile, P));
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t n = item / (nb * nt), j = item / nt % nb, p0 = item % nt * kTile;
-        const int64_t L = std::min(kTile, P - p0);
-        im2col_tile(xp + (n * geo.S + j * geo.G) * geo.H * geo.W, geo.G, geo, p0, L, col.data());
-        for (int64_t i = 0; i < geo.active; ++i) {
-          const int64_t gi = geo.g[i], ti = geo.out_per_group(i), K = gi * kk;
-          const scalar_t* wp = terms.w[i].data_ptr<scalar_t>();
-          for (int64_t q = 0; q < geo.G / gi; ++q) {
-            const int64_t o0 = j * geo.out_per_block() + q * ti;
-            gemm_acc<scalar_t>(ti, K, L, wp + o0 * K, K, 1, col.data() + q * K * L, L,
-                               zp + (n * geo.T + o0) * P + p0, P);
-          }
-        }
+    for_each_item(geo, t, [&](int64_t n0, int64_t images, int64_t j) {
+      const int64_t L = images * P;
+      std::vector<scalar_t> col(geo.G * kk * L), out(tG * L, scalar_t(0));
+      im2col_tile(xp + (n0 * geo.S + j * geo.G) * geo.H * geo.W, geo.G, images, geo.S * geo.H * geo.W, geo,
+                  col.data());
+      for (int64_t i = 0; i < geo.active; ++i) {
+        const int64_t gi = geo.g[i], ti = geo.out_per_group(i), K = gi * kk, nq = geo.G / gi;
+        // out[q] (ti x L) += W[q] (ti x K) @ col[q] (K x L) for every g_i-group q of block j
+        batch_view(out.data(), nq, ti, L, L)
+            .baddbmm_(batch_view(w[i].data_ptr<scalar_t>() + j * tG * K, nq, ti, K, K),
+                      batch_view(col.data(), nq, K, L, L));
       }
+      copy_rows(zp + (n0 * geo.T + j * tG) * P, tG, images, geo.T * P, P, out.data(), false);
     });
   });
   return z;
@@ -71,36 +97,29 @@ at::Tensor backward_input(const at::Tensor& grad_out, at::TensorList cores, at::
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({geo.N, geo.T, geo.Ho, geo.Wo}),
               "grad_out must have shape (", geo.N, ", ", geo.T, ", ", geo.Ho, ", ", geo.Wo, "), got ",
               grad_out.sizes());
-  const auto gz = grad_out.contiguous();
-  const auto terms = active_cores(cores, geo);
+  auto gz = grad_out.contiguous();
+  const auto w = active_cores(cores, geo);
   auto gx = at::zeros(input_shape, grad_out.options());
-  const int64_t nb = geo.blocks(), P = geo.P(), kk = geo.kk();
+  const auto t = tiling(geo);
+  const int64_t P = geo.P(), kk = geo.kk(), tG = geo.out_per_block();
 
   AT_DISPATCH_FLOATING_TYPES(gz.scalar_type(), "series_conv_backward_input_cpu", [&] {
-    const scalar_t* gzp = gz.data_ptr<scalar_t>();
+    scalar_t* gzp = gz.data_ptr<scalar_t>();
     scalar_t* gxp = gx.data_ptr<scalar_t>();
-    // Pixel tiles of one (n, j) scatter into overlapping input pixels, so an item owns a whole
-    // input block and walks its tiles in order: no two threads write the same element.
-    at::parallel_for(0, geo.N * nb, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> col(geo.G * kk * std::min(kTile, P));
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t n = item / nb, j = item % nb;
-        for (int64_t p0 = 0; p0 < P; p0 += kTile) {
-          const int64_t L = std::min(kTile, P - p0);
-          std::fill(col.begin(), col.begin() + geo.G * kk * L, scalar_t(0));
-          for (int64_t i = 0; i < geo.active; ++i) {
-            const int64_t gi = geo.g[i], ti = geo.out_per_group(i), K = gi * kk;
-            const scalar_t* wp = terms.w[i].data_ptr<scalar_t>();
-            for (int64_t q = 0; q < geo.G / gi; ++q) {
-              const int64_t o0 = j * geo.out_per_block() + q * ti;
-              // col[K x L] += W^T (K x ti) * grad_out (ti x L)
-              gemm_acc<scalar_t>(K, ti, L, wp + o0 * K, 1, K, gzp + (n * geo.T + o0) * P + p0, P,
-                                 col.data() + q * K * L, L);
-            }
-          }
-          col2im_tile(col.data(), geo.G, geo, p0, L, gxp + (n * geo.S + j * geo.G) * geo.H * geo.W);
-        }
+    // An item owns whole images of one channel block, so its col2im never races with another's.
+    for_each_item(geo, t, [&](int64_t n0, int64_t images, int64_t j) {
+      const int64_t L = images * P;
+      std::vector<scalar_t> col(geo.G * kk * L, scalar_t(0)), gout(tG * L);
+      copy_rows(gzp + (n0 * geo.T + j * tG) * P, tG, images, geo.T * P, P, gout.data(), true);
+      for (int64_t i = 0; i < geo.active; ++i) {
+        const int64_t gi = geo.g[i], ti = geo.out_per_group(i), K = gi * kk, nq = geo.G / gi;
+        // col[q] (K x L) += W[q]^T (K x ti) @ grad_out[q] (ti x L)
+        batch_view(col.data(), nq, K, L, L)
+            .baddbmm_(batch_view(w[i].data_ptr<scalar_t>() + j * tG * K, nq, ti, K, K).transpose(1, 2),
+                      batch_view(gout.data(), nq, ti, L, L));
       }
+      col2im_tile(col.data(), geo.G, images, geo.S * geo.H * geo.W, geo,
+                  gxp + (n0 * geo.S + j * geo.G) * geo.H * geo.W);
     });
   });
   return gx;
@@ -116,36 +135,32 @@ std::vector<at::Tensor> backward_weight(const at::Tensor& grad_out, const at::Te
               "grad_out must have shape (", geo.N, ", ", geo.T, ", ", geo.Ho, ", ", geo.Wo, "), got ",
               grad_out.sizes());
   const auto xc = x.contiguous();
-  const auto gz = grad_out.contiguous();
-  const int64_t nt = tiles(geo), nb = geo.blocks(), P = geo.P(), kk = geo.kk();
+  auto gz = grad_out.contiguous();
+  const auto t = tiling(geo);
+  const int64_t P = geo.P(), kk = geo.kk(), tG = geo.out_per_block();
 
   // One private copy of all active gradients per thread, summed at the end: the reduction over
-  // images and pixels never races.
+  // images never races.
   std::vector<int64_t> offset(geo.active + 1, 0);
   for (int64_t i = 0; i < geo.active; ++i) offset[i + 1] = offset[i] + cores[i].numel();
-  const int64_t threads = at::get_num_threads();
-  auto partial = at::zeros({threads, offset.back()}, x.options());
+  auto partial = at::zeros({at::get_num_threads(), offset.back()}, x.options());
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "series_conv_backward_weight_cpu", [&] {
     const scalar_t* xp = xc.data_ptr<scalar_t>();
-    const scalar_t* gzp = gz.data_ptr<scalar_t>();
+    scalar_t* gzp = gz.data_ptr<scalar_t>();
     scalar_t* part = partial.data_ptr<scalar_t>();
-    at::parallel_for(0, geo.N * nb * nt, 1, [&](int64_t begin, int64_t end) {
+    for_each_item(geo, t, [&](int64_t n0, int64_t images, int64_t j) {
       scalar_t* mine = part + at::get_thread_num() * offset.back();
-      std::vector<scalar_t> col(geo.G * kk * std::min(kTile, P));
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t n = item / (nb * nt), j = item / nt % nb, p0 = item % nt * kTile;
-        const int64_t L = std::min(kTile, P - p0);
-        im2col_tile(xp + (n * geo.S + j * geo.G) * geo.H * geo.W, geo.G, geo, p0, L, col.data());
-        for (int64_t i = 0; i < geo.active; ++i) {
-          const int64_t gi = geo.g[i], ti = geo.out_per_group(i), K = gi * kk;
-          for (int64_t q = 0; q < geo.G / gi; ++q) {
-            const int64_t o0 = j * geo.out_per_block() + q * ti;
-            // dW[o0 .. o0+ti, :] += grad_out (ti x L) * col^T (L x K)
-            gemm_nt_acc<scalar_t>(ti, K, L, gzp + (n * geo.T + o0) * P + p0, P, col.data() + q * K * L, L,
-                                  mine + offset[i] + o0 * K, K);
-          }
-        }
+      const int64_t L = images * P;
+      std::vector<scalar_t> col(geo.G * kk * L), gout(tG * L);
+      im2col_tile(xp + (n0 * geo.S + j * geo.G) * geo.H * geo.W, geo.G, images, geo.S * geo.H * geo.W, geo,
+                  col.data());
+      copy_rows(gzp + (n0 * geo.T + j * tG) * P, tG, images, geo.T * P, P, gout.data(), true);
+      for (int64_t i = 0; i < geo.active; ++i) {
+        const int64_t gi = geo.g[i], ti = geo.out_per_group(i), K = gi * kk, nq = geo.G / gi;
+        // dW[q] (ti x K) += grad_out[q] (ti x L) @ col[q]^T (L x K)
+        batch_view(mine + offset[i] + j * tG * K, nq, ti, K, K)
+            .baddbmm_(batch_view(gout.data(), nq, ti, L, L), batch_view(col.data(), nq, K, L, L).transpose(1, 2));
       }
     });
   });
