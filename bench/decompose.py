@@ -1,0 +1,97 @@
+"""Benchmark: gross.decompose.btd against the tensorly oracle PCI (bench/tensorly_pci.py).
+
+Rows: the 4-layer net's conv3 (64×32×3×3, S=32) at every group size, and VGG-16-sized layers
+128×128, 256×256, 512×512 (S = C_in) at group sizes 1, 4, 16, 32, on random weights and on
+weights with a decaying spectrum. Both sides use the same stopping rule (relative error changes
+by at most --tol over one pass). The oracle is cut after --oracle-max-seconds per row; a cut row
+reports the error it had reached and a time extrapolated from its measured per-iteration time ×
+the iterations our PCI needed (marked "extrap."). Prints a Markdown table.
+
+    python bench/decompose.py [--quick] [--oracle-max-seconds 60] [--threads 2]
+"""
+import os
+
+# The oracle is timed at its best: single-threaded OpenBLAS (must be set before numpy loads).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tensorly_pci import pci  # noqa: E402
+
+from gross.decompose import btd  # noqa: E402
+
+
+def make_weight(c_out, c_in, kind, seed):
+    """A random 3×3 conv weight; "decay" gives both channel modes exponentially decaying spectra."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(c_out, c_in, 3, 3, generator=g, dtype=torch.float64)
+    if kind == "decay":
+        for mode, n in ((0, c_out), (1, c_in)):
+            Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+            M = Q @ torch.diag(torch.exp(-4.0 * torch.arange(n, dtype=torch.float64) / n)) @ Q.T
+            W = torch.movedim(torch.tensordot(M, W, dims=([1], [mode])), 0, mode)
+    return W
+
+
+def rows(quick):
+    conv3 = [(64, 32, g) for g in (1, 2, 4, 8, 16, 32)]
+    vgg = [(n, n, g) for n in ((128,) if quick else (128, 256, 512)) for g in (1, 4, 16, 32)]
+    return conv3 + vgg
+
+
+def run_row(c_out, c_in, G, kind, args):
+    W = make_weight(c_out, c_in, kind, seed=c_out * 1000 + c_in)
+    S = T = c_in
+    start = time.perf_counter()
+    ours = btd(W, G, (S, T), tol=args.tol, max_iter=args.max_iter)
+    ours_s = time.perf_counter() - start
+    oracle = pci(W.numpy(), G, (S, T), tol=args.tol, max_iter=args.max_iter,
+                 max_seconds=args.oracle_max_seconds)
+    if oracle["cut"]:
+        per_iter = oracle["seconds"] / oracle["iterations"]
+        oracle_s = per_iter * max(ours.iterations, oracle["iterations"])
+    else:
+        oracle_s = oracle["seconds"]
+    return dict(shape=f"{c_out}×{c_in}", G=G, kind=kind, ours_err=ours.rel_error, ours_it=ours.iterations,
+                ours_s=ours_s, or_err=oracle["rel_error"], or_it=oracle["iterations"], or_s=oracle_s,
+                cut=oracle["cut"])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="conv3 and the 128×128 layer only")
+    parser.add_argument("--oracle-max-seconds", type=float, default=60.0)
+    parser.add_argument("--tol", type=float, default=1e-5)
+    parser.add_argument("--max-iter", type=int, default=500)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for our btd")
+    parser.add_argument("--kinds", default="random,decay")
+    parser.add_argument("--only", default=None, help="comma-separated shapes to run, e.g. 64x32,128x128")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch threads {args.threads}, oracle OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}, "
+          f"tol {args.tol}, max_iter {args.max_iter}, oracle cut at {args.oracle_max_seconds}s", flush=True)
+    print("| layer | G | weights | ours err | ours it | ours s | oracle err | oracle it | oracle s | speed-up | err ≤ oracle |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    speedups = []
+    for c_out, c_in, G in rows(args.quick):
+        if args.only and f"{c_out}x{c_in}" not in args.only.split(","):
+            continue
+        for kind in args.kinds.split(","):
+            r = run_row(c_out, c_in, G, kind, args)
+            speedups.append(r["or_s"] / r["ours_s"])
+            mark = " (cut, extrap.)" if r["cut"] else ""
+            print(f"| {r['shape']} | {G} | {kind} | {r['ours_err']:.6f} | {r['ours_it']} | {r['ours_s']:.2f} | "
+                  f"{r['or_err']:.6f}{' (at cut)' if r['cut'] else ''} | {r['or_it']} | {r['or_s']:.2f}{mark} | "
+                  f"{speedups[-1]:.1f}× | {'yes' if r['ours_err'] <= r['or_err'] else 'NO'} |", flush=True)
+    geo = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
+    print(f"\ngeometric mean speed-up over {len(speedups)} rows: {geo:.1f}×")
+
+
+if __name__ == "__main__":
+    main()
