@@ -53,6 +53,23 @@ def _composite(series_fns):
                            bottleneck_backward=composite_backward)
 
 
+def _with_fused_cuda_bottleneck(backend):
+    """Use the extension's fused CUDA bottleneck forward where its fit rule says it fits."""
+    composite_forward = backend.bottleneck_forward
+
+    def forward(x, A, cores, C, bias, group_sizes, group_size, stride, padding, dilation):
+        S, T = A.shape[0], cores[0].shape[0]
+        if torch.ops.gross.series_bottleneck_fits(S, T, list(cores[0].shape[2:]), list(stride),
+                                                  list(dilation)):
+            return torch.ops.gross.series_bottleneck_forward(
+                x, A, cores, C, bias, group_sizes, group_size, stride, padding, dilation)
+        return composite_forward(x, A, cores, C, bias, group_sizes, group_size, stride, padding,
+                                 dilation)
+
+    backend.bottleneck_forward = forward
+    return backend
+
+
 @functools.lru_cache(maxsize=None)
 def _backend(name: str):
     if name == "reference":
@@ -60,7 +77,8 @@ def _backend(name: str):
     if name == "triton":
         from . import triton as triton_kernels
         return triton_kernels
-    return _composite(_compiled_series_fns())
+    compiled = _composite(_compiled_series_fns())
+    return _with_fused_cuda_bottleneck(compiled) if name == "cuda" else compiled
 
 
 def _triton_ready(device: torch.device):
