@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gross import checkpoint, distributed
+from gross.config import extreme_config, get_config, sample_config, series_layers, set_config
 from gross.models import build
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -86,16 +87,11 @@ class FitResult:
     history: list
 
 
-def _series_layers(model):
-    from gross.config import series_layers
-    return series_layers(model)
-
-
 def _trainable_params(model, recipe):
     """Set requires_grad per the recipe; returns (params to optimise, previous requires_grad flags)."""
     before = {p: p.requires_grad for p in model.parameters()}
     if recipe.series_only:
-        layers = _series_layers(model).values()
+        layers = series_layers(model).values()
         if not layers:
             raise ValueError("recipe trains only series layers (series_only=True) but the model has no SeriesConv2d")
         keep = {id(p) for layer in layers for group in (layer.firsts, layer.cores, layer.lasts) for p in group}
@@ -179,7 +175,6 @@ def _evaluate(model, loader, device, recipe):
     """Validation metrics; a search space is scored at its largest and smallest configurations."""
     if not recipe.sample:
         return {"val_acc": accuracy(model, loader, device)}
-    from gross.config import extreme_config, get_config, set_config
     active = get_config(model)
     metrics = {}
     for key, largest in (("val_acc_largest", True), ("val_acc_smallest", False)):
@@ -211,6 +206,8 @@ def fit(model, train_loader, val_loader, recipe, out_dir=None, device=None, resu
         raise ValueError(f"train_loader is split for {sampler.num_replicas} processes but {world} are running: "
                          "build the loaders after the process group is initialised")
     device = torch.device(device) if device is not None else distributed.default_device()
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     model.to(device)
     params, requires_grad_before = _trainable_params(model, recipe)
     use_amp = recipe.amp and device.type == "cuda"
@@ -248,13 +245,15 @@ def fit(model, train_loader, val_loader, recipe, out_dir=None, device=None, resu
             start = time.time()
             sampler.set_epoch(epoch)
             _set_train_mode(net, recipe)
-            loss_sum = correct = seen = 0.0
+            # Sums stay on the device: a .item() per step would synchronise the GPU every step.
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            seen = 0
             bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False,
                        disable=not (progress and main))
             for step, (x, y) in enumerate(bar):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if recipe.sample:
-                    from gross.config import sample_config
                     sample_config(model, sample_gen)
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                     out = net(x)
@@ -263,15 +262,16 @@ def fit(model, train_loader, val_loader, recipe, out_dir=None, device=None, resu
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-                loss_sum += loss.item() * y.numel()
-                correct += (out.argmax(1) == y).sum().item()
+                loss_sum += loss.detach().double() * y.numel()
+                correct += (out.argmax(1) == y).sum()
                 seen += y.numel()
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                if progress and main and step % 20 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
                 if callback is not None:
                     callback(epoch, step)
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
-            loss_sum, correct, seen = distributed.all_sum([loss_sum, correct, seen], device)
+            loss_sum, correct, seen = distributed.all_sum([loss_sum.item(), correct.item(), seen], device)
             row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen}
             row.update(_evaluate(model, val_loader, device, recipe))
             row["seconds"] = time.time() - start
@@ -342,7 +342,6 @@ def train_search_space(model, train_loader, val_loader, recipe, **kwargs):
 
 def finetune(model, config, train_loader, val_loader, recipe, **kwargs):
     """Fine-tune `model` at the fixed configuration `config` (every series layer named); other arguments as fit()."""
-    from gross.config import set_config
     if recipe.sample:
         raise ValueError("fine-tuning needs a recipe with sample=False")
     set_config(model, config, complete=True)
