@@ -68,7 +68,7 @@ def _term_weight(acc, w_ptr, g, o, c, tap, T, S, KK: tl.constexpr, mask):
 
 @triton.jit
 def series_weight(w0, w1, w2, w3, w4, w5, w6, w7, g0, g1, g2, g3, g4, g5, g6, g7,
-                  o, c, tap, T, S, mask, NT: tl.constexpr, KK: tl.constexpr):
+                  o, c, tap, T, S, mask, NT, KK: tl.constexpr):
     """Effective weight Σ_i cores[i][o, c mod g_i, tap] over active terms whose g_i-block of o holds c.
 
     `o` and `c` are broadcastable int tensors (global output / input channel); the result has

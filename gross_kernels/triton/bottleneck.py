@@ -36,7 +36,7 @@ def fits_on_chip(C_in, S, T, C_out, kernel_size):
 
 
 def _fused_configs():
-    choices = [(16, 16, 32, 4, 2), (32, 32, 32, 4, 2), (64, 32, 64, 4, 2), (64, 64, 64, 8, 2),
+    choices = [(128, 16, 32, 4, 2), (32, 32, 32, 4, 2), (64, 32, 64, 4, 2), (64, 64, 64, 8, 2),
                (128, 32, 32, 8, 2), (32, 16, 16, 4, 1)]
     return configs([triton.Config({"BM": m, "BCI": ci, "BCO": co}, num_warps=w, num_stages=s)
                     for m, ci, co, w, s in choices])
@@ -44,13 +44,13 @@ def _fused_configs():
 
 @triton.autotune(configs=_fused_configs(), key=["N", "H", "W", "CI", "S", "T", "CO", "G", "NT"],
                  do_bench=tune_bench)
-@triton.jit
+@triton.jit(do_not_specialize=series._TERM_ARGS)
 def _fused_forward_kernel(x_ptr, a_ptr, c_ptr, b_ptr, y_ptr,
                           w0, w1, w2, w3, w4, w5, w6, w7, g0, g1, g2, g3, g4, g5, g6, g7,
                           N, H, W, Ho, Wo, CI, S, T, CO, G,
                           sxn, sxc, sxh, sxw, syn, syc, syh, syw,
                           sh, sw, ph, pw, dh, dw,
-                          NT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                          NT, KH: tl.constexpr, KW: tl.constexpr,
                           HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
                           SP: tl.constexpr, TP: tl.constexpr,
                           BM: tl.constexpr, BCI: tl.constexpr, BCO: tl.constexpr):
@@ -67,8 +67,8 @@ def _fused_forward_kernel(x_ptr, a_ptr, c_ptr, b_ptr, y_ptr,
     t_ok = t_idx < T
     x_row = x_ptr + n.to(tl.int64) * sxn
     z = tl.zeros((BM, TP), tl.float32)
-    for kh in tl.static_range(KH):
-        for kw in tl.static_range(KW):
+    for kh in range(KH):
+        for kw in range(KW):
             hi = ho * sh - ph + kh * dh
             wi = wo * sw - pw + kw * dw
             pix_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)

@@ -15,12 +15,15 @@ from ._common import (MAX_TERMS, check_index_range, configs, dot_precision, pack
                       series_weight, tune_bench)
 
 _SHAPE_KEY = ["N", "H", "W", "S", "T", "G", "NT"]
+# Term group sizes and count vary per layer; compiling a variant for each (Triton specialises
+# ints equal to 1 or divisible by 16) would cost far more than the few integer divisions saved.
+_TERM_ARGS = ["NT"] + [f"g{i}" for i in range(8)]
 
 
 def _gemm_configs():
-    # First entry is the interpreter's single config: small tiles keep CPU tests quick.
+    # The first entry is the interpreter's single config: few, large programs run fastest there.
     choices = [
-        (32, 16, 16, 4, 2), (64, 32, 32, 4, 3), (128, 32, 32, 4, 3), (128, 64, 32, 4, 3),
+        (128, 16, 32, 4, 2), (32, 16, 16, 4, 2), (64, 32, 32, 4, 3), (128, 32, 32, 4, 3), (128, 64, 32, 4, 3),
         (64, 64, 64, 4, 3), (128, 128, 32, 8, 3), (256, 64, 32, 8, 3), (64, 16, 16, 2, 3),
     ]
     return configs([triton.Config({"BM": m, "BN": n, "BK": k}, num_warps=w, num_stages=s)
@@ -28,13 +31,13 @@ def _gemm_configs():
 
 
 @triton.autotune(configs=_gemm_configs(), key=_SHAPE_KEY, do_bench=tune_bench)
-@triton.jit
+@triton.jit(do_not_specialize=_TERM_ARGS)
 def _forward_kernel(x_ptr, z_ptr, b_ptr,
                     w0, w1, w2, w3, w4, w5, w6, w7, g0, g1, g2, g3, g4, g5, g6, g7,
                     N, H, W, Ho, Wo, S, T, G,
                     sxn, sxc, sxh, sxw, szn, szc, szh, szw,
                     sh, sw, ph, pw, dh, dw,
-                    NT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                    NT, KH: tl.constexpr, KW: tl.constexpr,
                     HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """z[n, o, ho, wo] = Σ_{c in o's G-group, tap} x[n, c, ho·s−p+tap·d] · W_eff[o, c, tap] (+ bias)."""
@@ -53,8 +56,8 @@ def _forward_kernel(x_ptr, z_ptr, b_ptr,
     o = grp * TG + o_loc
     x_row = x_ptr + n.to(tl.int64) * sxn
     acc = tl.zeros((BM, BN), tl.float32)
-    for kh in tl.static_range(KH):
-        for kw in tl.static_range(KW):
+    for kh in range(KH):
+        for kw in range(KW):
             hi = ho * sh - ph + kh * dh
             wi = wo * sw - pw + kw * dw
             pix_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
@@ -77,13 +80,13 @@ def _forward_kernel(x_ptr, z_ptr, b_ptr,
 
 
 @triton.autotune(configs=_gemm_configs(), key=_SHAPE_KEY, do_bench=tune_bench)
-@triton.jit
+@triton.jit(do_not_specialize=_TERM_ARGS)
 def _backward_input_kernel(gz_ptr, gx_ptr,
                            w0, w1, w2, w3, w4, w5, w6, w7, g0, g1, g2, g3, g4, g5, g6, g7,
                            N, H, W, Ho, Wo, S, T, G,
                            szn, szc, szh, szw, sxn, sxc, sxh, sxw,
                            sh, sw, ph, pw, dh, dw,
-                           NT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                           NT, KH: tl.constexpr, KW: tl.constexpr,
                            PREC: tl.constexpr,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """grad_x[n, c, h, w] = Σ_{o in c's group, tap: h = ho·s−p+tap·d} grad_z[n, o, ho, wo] · W_eff[o, c, tap]."""
@@ -102,8 +105,8 @@ def _backward_input_kernel(gz_ptr, gx_ptr,
     c = grp * G + c_loc
     gz_row = gz_ptr + n.to(tl.int64) * szn
     acc = tl.zeros((BM, BN), tl.float32)
-    for kh in tl.static_range(KH):
-        for kw in tl.static_range(KW):
+    for kh in range(KH):
+        for kw in range(KW):
             hn = h + ph - kh * dh
             wn = w + pw - kw * dw
             # hn, wn ≥ 0 is checked before their quotient is trusted (division truncates).
@@ -129,21 +132,20 @@ def _backward_input_kernel(gz_ptr, gx_ptr,
 
 def _wgrad_configs():
     choices = [
-        (16, 16, 32, 4, 2), (32, 32, 64, 4, 3), (64, 64, 64, 4, 3), (64, 32, 128, 4, 3),
-        (128, 64, 64, 8, 3), (16, 16, 128, 4, 3),
+        (16, 16, 128, 4, 2), (32, 32, 64, 4, 3), (64, 64, 64, 4, 3), (64, 32, 128, 4, 3),
+        (128, 64, 64, 8, 3), (16, 16, 32, 4, 3),
     ]
     return configs([triton.Config({"BO": o, "BC": c, "BP": p}, num_warps=w, num_stages=s)
                     for o, c, p, w, s in choices])
 
 
-@triton.autotune(configs=_wgrad_configs(), key=_SHAPE_KEY + ["SPLIT"], do_bench=tune_bench)
+@triton.autotune(configs=_wgrad_configs(), key=["N", "H", "W", "S", "T", "G", "SPLIT"], do_bench=tune_bench)
 @triton.jit
 def _backward_weight_kernel(gz_ptr, x_ptr, part_ptr,
                             N, H, W, Ho, Wo, S, T, G, SPLIT,
                             szn, szc, szh, szw, sxn, sxc, sxh, sxw,
                             sh, sw, ph, pw, dh, dw,
-                            NT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                            PREC: tl.constexpr,
+                            KH: tl.constexpr, KW: tl.constexpr, PREC: tl.constexpr,
                             BO: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
     """partial[split, o, c, tap] = Σ over this split's pixels of grad_z[n, o, ho, wo] · x[n, c, ho·s−p+tap·d].
 
@@ -153,11 +155,8 @@ def _backward_weight_kernel(gz_ptr, x_ptr, part_ptr,
     n_cb = tl.cdiv(G, BC)
     ob = tl.program_id(0) // n_cb
     cb = tl.program_id(0) % n_cb
-    tap = tl.program_id(1) % (KH * KW)
-    grp = tl.program_id(1) // (KH * KW)
+    grp = tl.program_id(1)
     split = tl.program_id(2)
-    kh = tap // KW
-    kw = tap % KW
     o_loc = ob * BO + tl.arange(0, BO)
     o_ok = o_loc < TG
     o = grp * TG + o_loc
@@ -168,26 +167,29 @@ def _backward_weight_kernel(gz_ptr, x_ptr, part_ptr,
     chunk = tl.cdiv(tl.cdiv(P, SPLIT), BP) * BP
     p_lo = split * chunk
     p_hi = tl.minimum(P, p_lo + chunk)
-    acc = tl.zeros((BO, BC), tl.float32)
-    for p0 in range(p_lo, p_hi, BP):
-        p = p0 + tl.arange(0, BP)
-        p_ok = p < p_hi
-        n = p // (Ho * Wo)
-        r = p % (Ho * Wo)
-        ho = r // Wo
-        wo = r % Wo
-        gz_off = n.to(tl.int64) * szn + ho * szh + wo * szw
-        gt = tl.load(gz_ptr + gz_off[None, :] + o[:, None] * szc,
-                     mask=o_ok[:, None] & p_ok[None, :], other=0.0)
-        hi = ho * sh - ph + kh * dh
-        wi = wo * sw - pw + kw * dw
-        pix_ok = p_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-        x_off = n.to(tl.int64) * sxn + hi * sxh + wi * sxw
-        xt = tl.load(x_ptr + x_off[:, None] + c[None, :] * sxc,
-                     mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-        acc = tl.dot(gt, xt, acc, input_precision=PREC)
-    off = split * (T * G * KH * KW) + o[:, None] * (G * KH * KW) + c_loc[None, :] * (KH * KW) + tap
-    tl.store(part_ptr + off, acc, mask=o_ok[:, None] & c_ok[None, :])
+    out = part_ptr + split * (T * G * KH * KW) + o[:, None] * (G * KH * KW) + c_loc[None, :] * (KH * KW)
+    for tap in range(KH * KW):
+        kh = tap // KW
+        kw = tap % KW
+        acc = tl.zeros((BO, BC), tl.float32)
+        for p0 in range(p_lo, p_hi, BP):
+            p = p0 + tl.arange(0, BP)
+            p_ok = p < p_hi
+            n = p // (Ho * Wo)
+            r = p % (Ho * Wo)
+            ho = r // Wo
+            wo = r % Wo
+            gz_off = n.to(tl.int64) * szn + ho * szh + wo * szw
+            gt = tl.load(gz_ptr + gz_off[None, :] + o[:, None] * szc,
+                         mask=o_ok[:, None] & p_ok[None, :], other=0.0)
+            hi = ho * sh - ph + kh * dh
+            wi = wo * sw - pw + kw * dw
+            pix_ok = p_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            x_off = n.to(tl.int64) * sxn + hi * sxh + wi * sxw
+            xt = tl.load(x_ptr + x_off[:, None] + c[None, :] * sxc,
+                         mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+            acc = tl.dot(gt, xt, acc, input_precision=PREC)
+        tl.store(out + tap, acc, mask=o_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
@@ -207,9 +209,9 @@ def _gather_term(part_ptr, out_ptr, g, idx, T, S, G, SPLIT, KK: tl.constexpr):
     tl.store(out_ptr + idx, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_TERM_ARGS)
 def _gather_kernel(part_ptr, d0, d1, d2, d3, d4, d5, d6, d7, g0, g1, g2, g3, g4, g5, g6, g7,
-                   T, S, G, SPLIT, NT: tl.constexpr, KK: tl.constexpr, BLOCK: tl.constexpr):
+                   T, S, G, SPLIT, NT, KK: tl.constexpr, BLOCK: tl.constexpr):
     """One launch for all active terms: program row `term` writes that term's gradient."""
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     term = tl.program_id(1)
@@ -315,15 +317,15 @@ def backward_weight(grad_z, x, cores, group_sizes, group_size, stride, padding, 
     G = group_size
     TG = T * G // S
     KK = KH * KW
-    split = _split_count(x.device, N * Ho * Wo, (S // G) * KK * triton.cdiv(TG, 32) * triton.cdiv(G, 32), 256)
+    split = _split_count(x.device, N * Ho * Wo, (S // G) * triton.cdiv(TG, 32) * triton.cdiv(G, 32), 256)
     part = torch.empty((split, T, G, KK), dtype=torch.float32, device=x.device)
 
     def grid(meta):
-        return (triton.cdiv(TG, meta["BO"]) * triton.cdiv(G, meta["BC"]), KK * (S // G), split)
+        return (triton.cdiv(TG, meta["BO"]) * triton.cdiv(G, meta["BC"]), S // G, split)
 
     _backward_weight_kernel[grid](grad_z, x, part, N, H, W, Ho, Wo, S, T, G, split,
                                   *grad_z.stride(), *x.stride(), *stride, *padding, *dilation,
-                                  NT=nt, KH=KH, KW=KW, PREC=dot_precision(x.dtype))
+                                  KH=KH, KW=KW, PREC=dot_precision(x.dtype))
     grads = [torch.empty_like(ptrs[i]) for i in range(nt)]
     dests = grads + [grads[0]] * (MAX_TERMS - nt)
     block = 256
