@@ -191,3 +191,43 @@ def test_model_search_exhaustive_and_bfs(tmp_path):
     assert wide.best.accuracy <= full.best.accuracy
     with pytest.raises(ValueError, match="below the smallest"):
         search.exhaustive(model, loader, (3, 8, 8), table({"2": 1, "4": 2}) - 1, progress=False)
+
+
+class _Residual(torch.nn.Module):
+    """A block with an in-place residual add and a module called twice, as in torchvision's ResNet."""
+
+    def __init__(self):
+        super().__init__()
+        from gross_kernels import SeriesConv2d
+
+        self.conv = SeriesConv2d(8, 8, 3, [2, 4, 8], padding=1)
+        self.relu = torch.nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.conv(x))
+        out += x
+        return self.relu(out)
+
+
+def test_shared_prefix_evaluation_equals_plain_evaluation():
+    import torch.nn as nn
+    from gross.config import config_space
+    from gross_kernels import SeriesConv2d
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _Residual(), _Residual(),
+                          SeriesConv2d(8, 4, 3, [1, 2], bottleneck=(2, 4), stride=2, padding=1),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.4)
+    loader = tiny_loader(model, n=24, batch=10)
+    space = config_space(model)
+    configs = [dict(zip(space, sizes)) for sizes in itertools.product(*space.values())]
+    configs = configs[::-1][:7] + configs[7:]  # an order the cache has to sort out
+    shared = search.evaluate(model, configs, loader, share_prefixes=True)
+    plain = search.evaluate(model, configs, loader, share_prefixes=False)
+    assert shared == plain
+    assert len(set(plain)) > 1
+    # The wrappers are gone afterwards: the model runs its own forward again.
+    assert all("forward" not in vars(m) for m in model.modules())
+    assert model[1].relu.inplace and model[2].relu.inplace

@@ -1,0 +1,45 @@
+"""Matplotlib figures of a search: every configuration's accuracy against MACs, the Pareto front, fine-tuned picks."""
+import os
+
+from gross.search import pareto_front
+
+
+def pareto_plot(path, entries, rows, title="GroSS search"):
+    """PNG at `path`: searched configurations (search-space val accuracy vs MACs), their Pareto front,
+    and the fine-tuned uniform / searched configurations of `rows` (test accuracy mean ± std)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: works without a display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    if entries:
+        ax.scatter([e.macs / 1e6 for e in entries], [100 * e.accuracy for e in entries], s=10, c="0.65",
+                   label="searched (series, val)")
+        front = pareto_front(entries)
+        ax.step([e.macs / 1e6 for e in front], [100 * e.accuracy for e in front], where="post", c="0.3", lw=1,
+                label="Pareto front (series, val)")
+    styles = {"uniform": ("s", "tab:blue"), "searched": ("*", "tab:red")}
+    for method, (marker, color) in styles.items():
+        picked = [r for r in rows if r["method"] == method]
+        if not picked:
+            continue
+        x = [r["macs"] / 1e6 for r in picked]
+        ax.scatter(x, [100 * r["search_val_acc"] for r in picked], marker=marker, facecolors="none",
+                   edgecolors=color, s=70, label=f"{method} (series, val)")
+        ax.errorbar(x, [100 * r["test_acc_mean"] for r in picked], yerr=[100 * r["test_acc_std"] for r in picked],
+                    fmt=marker, c=color, ms=9 if marker == "*" else 6, capsize=3,
+                    label=f"{method} fine-tuned (test)")
+        for r, xi in zip(picked, x):
+            ax.annotate(str(r["budget"]), (xi, 100 * r["test_acc_mean"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7, color=color)
+    ax.set_xlabel("MACs (millions)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
