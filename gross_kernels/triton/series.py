@@ -17,6 +17,9 @@ from ._common import (MAX_TERMS, check_index_range, configs, dot_precision, pack
 _SHAPE_KEY = ["N", "H", "W", "S", "T", "G", "NT"]
 # Term group sizes and count vary per layer; compiling a variant for each (Triton specialises
 # ints equal to 1 or divisible by 16) would cost far more than the few integer divisions saved.
+# Below this many channels per group the reduction runs over (channel, tap) pairs in one loop
+# instead of per tap, so a depthwise or G = 4 layer does not pad each tap's tile to 16 channels.
+_FLAT_BELOW = 16
 _TERM_ARGS = ["NT"] + [f"g{i}" for i in range(8)]
 
 
@@ -37,7 +40,7 @@ def _forward_kernel(x_ptr, z_ptr, b_ptr,
                     N, H, W, Ho, Wo, S, T, G,
                     sxn, sxc, sxh, sxw, szn, szc, szh, szw,
                     sh, sw, ph, pw, dh, dw,
-                    NT, KH: tl.constexpr, KW: tl.constexpr,
+                    NT, KH: tl.constexpr, KW: tl.constexpr, FLAT: tl.constexpr,
                     HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """z[n, o, ho, wo] = Σ_{c in o's G-group, tap} x[n, c, ho·s−p+tap·d] · W_eff[o, c, tap] (+ bias)."""
@@ -56,22 +59,39 @@ def _forward_kernel(x_ptr, z_ptr, b_ptr,
     o = grp * TG + o_loc
     x_row = x_ptr + n.to(tl.int64) * sxn
     acc = tl.zeros((BM, BN), tl.float32)
-    for kh in range(KH):
-        for kw in range(KW):
-            hi = ho * sh - ph + kh * dh
-            wi = wo * sw - pw + kw * dw
-            pix_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            pix = x_row + hi * sxh + wi * sxw
-            for c0 in range(0, G, BK):
-                c_loc = c0 + tl.arange(0, BK)
-                c_ok = c_loc < G
-                c = grp * G + c_loc
-                xt = tl.load(pix[:, None] + c[None, :] * sxc,
-                             mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-                wt = series_weight(w0, w1, w2, w3, w4, w5, w6, w7, g0, g1, g2, g3, g4, g5, g6, g7,
-                                   o[None, :], c[:, None], kh * KW + kw, T, S,
-                                   c_ok[:, None] & o_ok[None, :], NT, KH * KW)
-                acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=PREC)
+    if FLAT:  # small G: reduce over (channel, tap) together, im2col-style, in ≥ 16-wide tiles
+        for k0 in range(0, G * KH * KW, BK):
+            k = k0 + tl.arange(0, BK)
+            k_ok = k < G * KH * KW
+            c = grp * G + k // (KH * KW)
+            tap = k % (KH * KW)
+            hi = (ho * sh - ph)[:, None] + (tap // KW * dh)[None, :]
+            wi = (wo * sw - pw)[:, None] + (tap % KW * dw)[None, :]
+            ok = m_ok[:, None] & k_ok[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            xt = tl.load(x_row[:, None] + c[None, :] * sxc + hi * sxh + wi * sxw, mask=ok,
+                         other=0.0)
+            wt = series_weight(w0, w1, w2, w3, w4, w5, w6, w7, g0, g1, g2, g3, g4, g5, g6, g7,
+                               o[None, :], c[:, None], tap[:, None], T, S,
+                               k_ok[:, None] & o_ok[None, :], NT, KH * KW)
+            acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=PREC)
+    else:
+        for kh in range(KH):
+            for kw in range(KW):
+                hi = ho * sh - ph + kh * dh
+                wi = wo * sw - pw + kw * dw
+                pix_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+                pix = x_row + hi * sxh + wi * sxw
+                for c0 in range(0, G, BK):
+                    c_loc = c0 + tl.arange(0, BK)
+                    c_ok = c_loc < G
+                    c = grp * G + c_loc
+                    xt = tl.load(pix[:, None] + c[None, :] * sxc,
+                                 mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+                    wt = series_weight(w0, w1, w2, w3, w4, w5, w6, w7,
+                                       g0, g1, g2, g3, g4, g5, g6, g7,
+                                       o[None, :], c[:, None], kh * KW + kw, T, S,
+                                       c_ok[:, None] & o_ok[None, :], NT, KH * KW)
+                    acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
     z_off = n.to(tl.int64) * szn + ho * szh + wo * szw
@@ -86,10 +106,10 @@ def _backward_input_kernel(gz_ptr, gx_ptr,
                            N, H, W, Ho, Wo, S, T, G,
                            szn, szc, szh, szw, sxn, sxc, sxh, sxw,
                            sh, sw, ph, pw, dh, dw,
-                           NT, KH: tl.constexpr, KW: tl.constexpr,
+                           NT, KH: tl.constexpr, KW: tl.constexpr, FLAT: tl.constexpr,
                            PREC: tl.constexpr,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """grad_x[n, c, h, w] = Σ_{o in c's group, tap: h = ho·s−p+tap·d} grad_z[n, o, ho, wo] · W_eff[o, c, tap]."""
+    """grad_x[n, c, h, w] = Σ grad_z[n, o, ho, wo] · W_eff[o, c, tap] over o in c's group, h = ho·s−p+tap·d."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     grp = tl.program_id(2)
@@ -105,26 +125,46 @@ def _backward_input_kernel(gz_ptr, gx_ptr,
     c = grp * G + c_loc
     gz_row = gz_ptr + n.to(tl.int64) * szn
     acc = tl.zeros((BM, BN), tl.float32)
-    for kh in range(KH):
-        for kw in range(KW):
-            hn = h + ph - kh * dh
-            wn = w + pw - kw * dw
-            # hn, wn ≥ 0 is checked before their quotient is trusted (division truncates).
+    if FLAT:  # small TG: reduce over (output channel, tap) together in ≥ 16-wide tiles
+        for k0 in range(0, TG * KH * KW, BK):
+            k = k0 + tl.arange(0, BK)
+            k_ok = k < TG * KH * KW
+            o = grp * TG + k // (KH * KW)
+            tap = k % (KH * KW)
+            hn = (h + ph)[:, None] - (tap // KW * dh)[None, :]
+            wn = (w + pw)[:, None] - (tap % KW * dw)[None, :]
             ho = hn // sh
             wo = wn // sw
-            pix_ok = (m_ok & (hn >= 0) & (wn >= 0) & (hn - ho * sh == 0) & (wn - wo * sw == 0)
-                      & (ho < Ho) & (wo < Wo))
-            pix = gz_row + ho * szh + wo * szw
-            for o0 in range(0, TG, BK):
-                o_loc = o0 + tl.arange(0, BK)
-                o_ok = o_loc < TG
-                o = grp * TG + o_loc
-                gt = tl.load(pix[:, None] + o[None, :] * szc,
-                             mask=pix_ok[:, None] & o_ok[None, :], other=0.0)
-                wt = series_weight(w0, w1, w2, w3, w4, w5, w6, w7, g0, g1, g2, g3, g4, g5, g6, g7,
-                                   o[:, None], c[None, :], kh * KW + kw, T, S,
-                                   o_ok[:, None] & c_ok[None, :], NT, KH * KW)
-                acc = tl.dot(gt, wt.to(gt.dtype), acc, input_precision=PREC)
+            ok = (m_ok[:, None] & k_ok[None, :] & (hn >= 0) & (wn >= 0) & (hn - ho * sh == 0)
+                  & (wn - wo * sw == 0) & (ho < Ho) & (wo < Wo))
+            gt = tl.load(gz_row[:, None] + o[None, :] * szc + ho * szh + wo * szw, mask=ok,
+                         other=0.0)
+            wt = series_weight(w0, w1, w2, w3, w4, w5, w6, w7, g0, g1, g2, g3, g4, g5, g6, g7,
+                               o[:, None], c[None, :], tap[:, None], T, S,
+                               k_ok[:, None] & c_ok[None, :], NT, KH * KW)
+            acc = tl.dot(gt, wt.to(gt.dtype), acc, input_precision=PREC)
+    else:
+        for kh in range(KH):
+            for kw in range(KW):
+                hn = h + ph - kh * dh
+                wn = w + pw - kw * dw
+                # hn, wn ≥ 0 is checked before their quotient is trusted (division truncates).
+                ho = hn // sh
+                wo = wn // sw
+                pix_ok = (m_ok & (hn >= 0) & (wn >= 0) & (hn - ho * sh == 0) & (wn - wo * sw == 0)
+                          & (ho < Ho) & (wo < Wo))
+                pix = gz_row + ho * szh + wo * szw
+                for o0 in range(0, TG, BK):
+                    o_loc = o0 + tl.arange(0, BK)
+                    o_ok = o_loc < TG
+                    o = grp * TG + o_loc
+                    gt = tl.load(pix[:, None] + o[None, :] * szc,
+                                 mask=pix_ok[:, None] & o_ok[None, :], other=0.0)
+                    wt = series_weight(w0, w1, w2, w3, w4, w5, w6, w7,
+                                       g0, g1, g2, g3, g4, g5, g6, g7,
+                                       o[:, None], c[None, :], kh * KW + kw, T, S,
+                                       o_ok[:, None] & c_ok[None, :], NT, KH * KW)
+                    acc = tl.dot(gt, wt.to(gt.dtype), acc, input_precision=PREC)
     x_off = n.to(tl.int64) * sxn + h * sxh + w * sxw
     tl.store(gx_ptr + x_off[:, None] + c[None, :] * sxc, acc.to(gx_ptr.dtype.element_ty),
              mask=m_ok[:, None] & c_ok[None, :])
@@ -132,7 +172,7 @@ def _backward_input_kernel(gz_ptr, gx_ptr,
 
 def _wgrad_configs():
     choices = [
-        (16, 16, 128, 4, 2), (32, 32, 64, 4, 3), (64, 64, 64, 4, 3), (64, 32, 128, 4, 3),
+        (16, 32, 128, 4, 2), (32, 32, 64, 4, 3), (64, 64, 64, 4, 3), (64, 32, 128, 4, 3),
         (128, 64, 64, 8, 3), (16, 16, 32, 4, 3),
     ]
     return configs([triton.Config({"BO": o, "BC": c, "BP": p}, num_warps=w, num_stages=s)
@@ -147,49 +187,50 @@ def _backward_weight_kernel(gz_ptr, x_ptr, part_ptr,
                             sh, sw, ph, pw, dh, dw,
                             KH: tl.constexpr, KW: tl.constexpr, PREC: tl.constexpr,
                             BO: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
-    """partial[split, o, c, tap] = Σ over this split's pixels of grad_z[n, o, ho, wo] · x[n, c, ho·s−p+tap·d].
+    """partial[split, o, j] = Σ over this split's pixels of grad_z[n, o, ho, wo] · x[n, c, ho·s−p+tap·d].
 
+    Column j = c_loc·KK + tap runs over input channel and tap together (im2col order), so one
+    pass over the pixels serves every tap and small group sizes still fill a ≥ 16-wide tile.
     The sum over splits is grad W_eff at group size G; `_gather_kernel` reduces it into each term.
     """
+    KK = KH * KW
     TG = (T * G) // S
-    n_cb = tl.cdiv(G, BC)
-    ob = tl.program_id(0) // n_cb
-    cb = tl.program_id(0) % n_cb
+    n_jb = tl.cdiv(G * KK, BC)
+    ob = tl.program_id(0) // n_jb
+    jb = tl.program_id(0) % n_jb
     grp = tl.program_id(1)
     split = tl.program_id(2)
     o_loc = ob * BO + tl.arange(0, BO)
     o_ok = o_loc < TG
     o = grp * TG + o_loc
-    c_loc = cb * BC + tl.arange(0, BC)
-    c_ok = c_loc < G
-    c = grp * G + c_loc
+    j = jb * BC + tl.arange(0, BC)
+    j_ok = j < G * KK
+    c = grp * G + j // KK
+    kh = (j % KK) // KW
+    kw = j % KW
     P = N * Ho * Wo
     chunk = tl.cdiv(tl.cdiv(P, SPLIT), BP) * BP
     p_lo = split * chunk
     p_hi = tl.minimum(P, p_lo + chunk)
-    out = part_ptr + split * (T * G * KH * KW) + o[:, None] * (G * KH * KW) + c_loc[None, :] * (KH * KW)
-    for tap in range(KH * KW):
-        kh = tap // KW
-        kw = tap % KW
-        acc = tl.zeros((BO, BC), tl.float32)
-        for p0 in range(p_lo, p_hi, BP):
-            p = p0 + tl.arange(0, BP)
-            p_ok = p < p_hi
-            n = p // (Ho * Wo)
-            r = p % (Ho * Wo)
-            ho = r // Wo
-            wo = r % Wo
-            gz_off = n.to(tl.int64) * szn + ho * szh + wo * szw
-            gt = tl.load(gz_ptr + gz_off[None, :] + o[:, None] * szc,
-                         mask=o_ok[:, None] & p_ok[None, :], other=0.0)
-            hi = ho * sh - ph + kh * dh
-            wi = wo * sw - pw + kw * dw
-            pix_ok = p_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            x_off = n.to(tl.int64) * sxn + hi * sxh + wi * sxw
-            xt = tl.load(x_ptr + x_off[:, None] + c[None, :] * sxc,
-                         mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-            acc = tl.dot(gt, xt, acc, input_precision=PREC)
-        tl.store(out + tap, acc, mask=o_ok[:, None] & c_ok[None, :])
+    acc = tl.zeros((BO, BC), tl.float32)
+    for p0 in range(p_lo, p_hi, BP):
+        p = p0 + tl.arange(0, BP)
+        p_ok = p < p_hi
+        n = p // (Ho * Wo)
+        r = p % (Ho * Wo)
+        ho = r // Wo
+        wo = r % Wo
+        gz_off = n.to(tl.int64) * szn + ho * szh + wo * szw
+        gt = tl.load(gz_ptr + gz_off[None, :] + o[:, None] * szc,
+                     mask=o_ok[:, None] & p_ok[None, :], other=0.0)
+        hi = (ho * sh - ph)[:, None] + (kh * dh)[None, :]
+        wi = (wo * sw - pw)[:, None] + (kw * dw)[None, :]
+        ok = (p_ok[:, None] & j_ok[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))
+        x_off = (n.to(tl.int64) * sxn)[:, None] + c[None, :] * sxc + hi * sxh + wi * sxw
+        xt = tl.load(x_ptr + x_off, mask=ok, other=0.0)
+        acc = tl.dot(gt, xt, acc, input_precision=PREC)
+    off = split * (T * G * KK) + o[:, None] * (G * KK) + j[None, :]
+    tl.store(part_ptr + off, acc, mask=o_ok[:, None] & j_ok[None, :])
 
 
 @triton.jit
@@ -269,7 +310,7 @@ def forward(x, cores, group_sizes, group_size, stride, padding, dilation, bias=N
     _forward_kernel[grid](x, z, bias if bias is not None else z, *ptrs, *sizes,
                           N, H, W, Ho, Wo, S, T, G, *x.stride(), *z.stride(),
                           *stride, *padding, *dilation,
-                          NT=nt, KH=KH, KW=KW, HAS_BIAS=bias is not None,
+                          NT=nt, KH=KH, KW=KW, FLAT=G < _FLAT_BELOW, HAS_BIAS=bias is not None,
                           PREC=dot_precision(x.dtype))
     return z
 
@@ -289,7 +330,8 @@ def backward_input(grad_z, cores, group_sizes, group_size, x_shape, stride, padd
 
     _backward_input_kernel[grid](grad_z, gx, *ptrs, *sizes, N, H, W, Ho, Wo, S, T, G,
                                  *grad_z.stride(), *gx.stride(), *stride, *padding, *dilation,
-                                 NT=nt, KH=KH, KW=KW, PREC=dot_precision(grad_z.dtype))
+                                 NT=nt, KH=KH, KW=KW, FLAT=T * G // S < _FLAT_BELOW,
+                                 PREC=dot_precision(grad_z.dtype))
     return gx
 
 
@@ -317,11 +359,12 @@ def backward_weight(grad_z, x, cores, group_sizes, group_size, stride, padding, 
     G = group_size
     TG = T * G // S
     KK = KH * KW
-    split = _split_count(x.device, N * Ho * Wo, (S // G) * triton.cdiv(TG, 32) * triton.cdiv(G, 32), 256)
+    split = _split_count(x.device, N * Ho * Wo,
+                         (S // G) * triton.cdiv(TG, 32) * triton.cdiv(G * KK, 64), 256)
     part = torch.empty((split, T, G, KK), dtype=torch.float32, device=x.device)
 
     def grid(meta):
-        return (triton.cdiv(TG, meta["BO"]) * triton.cdiv(G, meta["BC"]), S // G, split)
+        return (triton.cdiv(TG, meta["BO"]) * triton.cdiv(G * KK, meta["BC"]), S // G, split)
 
     _backward_weight_kernel[grid](grad_z, x, part, N, H, W, Ho, Wo, S, T, G, split,
                                   *grad_z.stride(), *x.stride(), *stride, *padding, *dilation,
