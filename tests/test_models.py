@@ -13,7 +13,7 @@ def _module(model, name):
 
 
 @pytest.mark.parametrize("name,size,classes", [("four_layer", 32, 10), ("vgg16_cifar", 32, 10),
-                                               ("resnet18", 64, 1000)])
+                                               ("vgg16_imagenet", 32, 1000), ("resnet18", 64, 1000)])
 def test_build_output_shapes(name, size, classes):
     model = models.build(name)
     assert model(torch.randn(2, 3, size, size)).shape == (2, classes)

@@ -124,7 +124,11 @@ def load_embedded(augment=False):
 
 
 def load(name, root=None, augment=True):
-    """Datasets by name: 'embedded' (no root), 'cifar10' or 'imagenet' (root required) → (train, val, test)."""
+    """Datasets by name: 'embedded' (no root), 'cifar10' or 'imagenet' (root required) → (train, val, test).
+
+    `augment` switches CIFAR-10's train augmentation; the embedded digits are used unaugmented
+    (their 8×8 originals are too coarse for crops to help) and ImageNet always augments.
+    """
     if name == "embedded":
         return load_embedded(augment=False)
     if root is None:
