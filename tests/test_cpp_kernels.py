@@ -122,14 +122,18 @@ def test_weight_gradient_independent_of_thread_count():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
 
 
-def test_large_tile_count_and_inactive_terms_ignored():
-    """More output pixels than one tile, and inactive (larger) terms must not contribute."""
-    x = torch.randn(1, 8, 40, 23, dtype=torch.float64)
-    cores = [torch.randn(8, g, 3, 3, dtype=torch.float64) for g in (1, 2, 8)]
-    z = ops.series_conv_forward(x, cores, [1, 2, 8], 2, [1, 1], [1, 1], [1, 1])
-    torch.testing.assert_close(z, naive_series_conv(x, cores, (1, 2, 8), 2, 1, 1, 1), rtol=0, atol=1e-10)
+def test_several_tiles_and_channel_chunks_and_inactive_terms_ignored():
+    """Images split over two tiles (the last one partial), channels over two chunks; inactive terms unused."""
+    x = torch.randn(5, 64, 11, 11, dtype=torch.float64)
+    cores = [torch.randn(64, g, 3, 3, dtype=torch.float64) for g in (1, 2, 64)]
+    args = ([1, 2, 64], 2, [1, 1], [1, 1], [1, 1])
+    gz = torch.randn(5, 64, 11, 11, dtype=torch.float64)
+    z = ops.series_conv_forward(x, cores, *args)
+    torch.testing.assert_close(z, naive_series_conv(x, cores, (1, 2, 64), 2, 1, 1, 1), rtol=0, atol=1e-10)
     cores[2].fill_(float("nan"))
-    assert torch.isfinite(ops.series_conv_forward(x, cores, [1, 2, 8], 2, [1, 1], [1, 1], [1, 1])).all()
+    assert torch.isfinite(ops.series_conv_forward(x, cores, *args)).all()
+    assert torch.isfinite(ops.series_conv_backward_input(gz, cores, args[0], 2, [5, 64, 11, 11], *args[2:])).all()
+    assert len(ops.series_conv_backward_weight(gz, x, cores, *args)) == 2
 
 
 @pytest.mark.parametrize("call, message", [

@@ -1,9 +1,10 @@
 // CPU kernels of the summed series of grouped convolutions: forward, grad-input, grad-weight.
 //
-// Work is split by (tile of whole images, block j of the active group size G). Each item unfolds
-// its G input channels once (im2col) and then, for every active term i, runs one batched GEMM
-// over the G/g_i groups of size g_i nested in block j. The series sum happens on the fly, in the
-// item's output tile, and no expanded weight is ever built.
+// Work is split by (tile of whole images, chunk j of C input channels), where a chunk is one or
+// more whole groups of the active group size G. Each item unfolds its C input channels once
+// (im2col) and then, for every active term i, runs one batched GEMM over the C/g_i groups of
+// size g_i in chunk j. The series sum happens on the fly, in the item's output tile, and no
+// expanded weight is ever built.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -18,18 +19,32 @@ namespace cpu {
 namespace {
 
 // Columns (images x output pixels) per tile: enough for efficient GEMMs, small enough that a
-// G*kh*kw x columns unfolding stays in cache.
+// C*kh*kw x columns unfolding stays in cache.
 constexpr int64_t kColumns = 512;
+// Input channels per item at least (when G is smaller): amortises the per-GEMM call overhead,
+// which dominates for small group sizes.
+constexpr int64_t kChannels = 32;
 
 struct Tiling {
   int64_t images;  // per tile
   int64_t tiles;
-  int64_t L;       // columns of a full tile
+  int64_t C;       // input channels per chunk: a multiple of G dividing S
+  int64_t tC;      // output channels per chunk
+  int64_t chunks;
 };
 
 Tiling tiling(const SeriesGeometry& g) {
-  const int64_t images = std::max<int64_t>(1, std::min<int64_t>(g.N, kColumns / g.P()));
-  return {images, (g.N + images - 1) / images, images * g.P()};
+  Tiling t;
+  t.images = std::max<int64_t>(1, std::min<int64_t>(g.N, kColumns / g.P()));
+  t.tiles = (g.N + t.images - 1) / t.images;
+  int64_t blocks = 1;  // largest divisor of S/G keeping the chunk within kChannels
+  for (int64_t b = 1; b <= g.blocks() && b * g.G <= kChannels; ++b) {
+    if (g.blocks() % b == 0) blocks = b;
+  }
+  t.C = blocks * g.G;
+  t.tC = blocks * g.out_per_block();
+  t.chunks = g.blocks() / blocks;
+  return t;
 }
 
 std::vector<at::Tensor> active_cores(at::TensorList cores, const SeriesGeometry& g) {
@@ -45,10 +60,10 @@ at::Tensor batch_view(const T* data, int64_t batch, int64_t rows, int64_t cols, 
                        at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
 }
 
-// Calls body(n0, images, j) for every (tile, block) item in parallel, below autograd.
+// Calls body(n0, images, j) for every (tile, chunk) item in parallel, below autograd.
 template <typename Body>
 void for_each_item(const SeriesGeometry& g, const Tiling& t, const Body& body) {
-  const int64_t nb = g.blocks();
+  const int64_t nb = t.chunks;
   at::parallel_for(0, t.tiles * nb, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView guard;  // the GEMMs below run on raw buffers
     for (int64_t item = begin; item < end; ++item) {
@@ -66,24 +81,24 @@ at::Tensor forward(const at::Tensor& x, at::TensorList cores, at::IntArrayRef gr
   const auto w = active_cores(cores, geo);
   auto z = at::empty({geo.N, geo.T, geo.Ho, geo.Wo}, x.options());
   const auto t = tiling(geo);
-  const int64_t P = geo.P(), kk = geo.kk(), tG = geo.out_per_block();
+  const int64_t P = geo.P(), kk = geo.kk(), tC = t.tC, C = t.C;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "series_conv_forward_cpu", [&] {
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     scalar_t* zp = z.data_ptr<scalar_t>();
     for_each_item(geo, t, [&](int64_t n0, int64_t images, int64_t j) {
       const int64_t L = images * P;
-      std::vector<scalar_t> col(geo.G * kk * L), out(tG * L, scalar_t(0));
-      im2col_tile(xp + (n0 * geo.S + j * geo.G) * geo.H * geo.W, geo.G, images, geo.S * geo.H * geo.W, geo,
+      std::vector<scalar_t> col(C * kk * L), out(tC * L, scalar_t(0));
+      im2col_tile(xp + (n0 * geo.S + j * C) * geo.H * geo.W, C, images, geo.S * geo.H * geo.W, geo,
                   col.data());
       for (int64_t i = 0; i < geo.active; ++i) {
-        const int64_t gi = geo.g[i], ti = geo.out_per_group(i), K = gi * kk, nq = geo.G / gi;
-        // out[q] (ti x L) += W[q] (ti x K) @ col[q] (K x L) for every g_i-group q of block j
+        const int64_t gi = geo.g[i], ti = geo.out_per_group(i), K = gi * kk, nq = C / gi;
+        // out[q] (ti x L) += W[q] (ti x K) @ col[q] (K x L) for every g_i-group q of chunk j
         batch_view(out.data(), nq, ti, L, L)
-            .baddbmm_(batch_view(w[i].data_ptr<scalar_t>() + j * tG * K, nq, ti, K, K),
+            .baddbmm_(batch_view(w[i].data_ptr<scalar_t>() + j * tC * K, nq, ti, K, K),
                       batch_view(col.data(), nq, K, L, L));
       }
-      copy_rows(zp + (n0 * geo.T + j * tG) * P, tG, images, geo.T * P, P, out.data(), false);
+      copy_rows(zp + (n0 * geo.T + j * tC) * P, tC, images, geo.T * P, P, out.data(), false);
     });
   });
   return z;
@@ -101,25 +116,25 @@ at::Tensor backward_input(const at::Tensor& grad_out, at::TensorList cores, at::
   const auto w = active_cores(cores, geo);
   auto gx = at::zeros(input_shape, grad_out.options());
   const auto t = tiling(geo);
-  const int64_t P = geo.P(), kk = geo.kk(), tG = geo.out_per_block();
+  const int64_t P = geo.P(), kk = geo.kk(), tC = t.tC, C = t.C;
 
   AT_DISPATCH_FLOATING_TYPES(gz.scalar_type(), "series_conv_backward_input_cpu", [&] {
     scalar_t* gzp = gz.data_ptr<scalar_t>();
     scalar_t* gxp = gx.data_ptr<scalar_t>();
-    // An item owns whole images of one channel block, so its col2im never races with another's.
+    // An item owns whole images of one channel chunk, so its col2im never races with another's.
     for_each_item(geo, t, [&](int64_t n0, int64_t images, int64_t j) {
       const int64_t L = images * P;
-      std::vector<scalar_t> col(geo.G * kk * L, scalar_t(0)), gout(tG * L);
-      copy_rows(gzp + (n0 * geo.T + j * tG) * P, tG, images, geo.T * P, P, gout.data(), true);
+      std::vector<scalar_t> col(C * kk * L, scalar_t(0)), gout(tC * L);
+      copy_rows(gzp + (n0 * geo.T + j * tC) * P, tC, images, geo.T * P, P, gout.data(), true);
       for (int64_t i = 0; i < geo.active; ++i) {
-        const int64_t gi = geo.g[i], ti = geo.out_per_group(i), K = gi * kk, nq = geo.G / gi;
+        const int64_t gi = geo.g[i], ti = geo.out_per_group(i), K = gi * kk, nq = C / gi;
         // col[q] (K x L) += W[q]^T (K x ti) @ grad_out[q] (ti x L)
         batch_view(col.data(), nq, K, L, L)
-            .baddbmm_(batch_view(w[i].data_ptr<scalar_t>() + j * tG * K, nq, ti, K, K).transpose(1, 2),
+            .baddbmm_(batch_view(w[i].data_ptr<scalar_t>() + j * tC * K, nq, ti, K, K).transpose(1, 2),
                       batch_view(gout.data(), nq, ti, L, L));
       }
-      col2im_tile(col.data(), geo.G, images, geo.S * geo.H * geo.W, geo,
-                  gxp + (n0 * geo.S + j * geo.G) * geo.H * geo.W);
+      col2im_tile(col.data(), C, images, geo.S * geo.H * geo.W, geo,
+                  gxp + (n0 * geo.S + j * C) * geo.H * geo.W);
     });
   });
   return gx;
@@ -137,7 +152,7 @@ std::vector<at::Tensor> backward_weight(const at::Tensor& grad_out, const at::Te
   const auto xc = x.contiguous();
   auto gz = grad_out.contiguous();
   const auto t = tiling(geo);
-  const int64_t P = geo.P(), kk = geo.kk(), tG = geo.out_per_block();
+  const int64_t P = geo.P(), kk = geo.kk(), tC = t.tC, C = t.C;
 
   // One private copy of all active gradients per thread, summed at the end: the reduction over
   // images never races.
@@ -152,14 +167,14 @@ std::vector<at::Tensor> backward_weight(const at::Tensor& grad_out, const at::Te
     for_each_item(geo, t, [&](int64_t n0, int64_t images, int64_t j) {
       scalar_t* mine = part + at::get_thread_num() * offset.back();
       const int64_t L = images * P;
-      std::vector<scalar_t> col(geo.G * kk * L), gout(tG * L);
-      im2col_tile(xp + (n0 * geo.S + j * geo.G) * geo.H * geo.W, geo.G, images, geo.S * geo.H * geo.W, geo,
+      std::vector<scalar_t> col(C * kk * L), gout(tC * L);
+      im2col_tile(xp + (n0 * geo.S + j * C) * geo.H * geo.W, C, images, geo.S * geo.H * geo.W, geo,
                   col.data());
-      copy_rows(gzp + (n0 * geo.T + j * tG) * P, tG, images, geo.T * P, P, gout.data(), true);
+      copy_rows(gzp + (n0 * geo.T + j * tC) * P, tC, images, geo.T * P, P, gout.data(), true);
       for (int64_t i = 0; i < geo.active; ++i) {
-        const int64_t gi = geo.g[i], ti = geo.out_per_group(i), K = gi * kk, nq = geo.G / gi;
+        const int64_t gi = geo.g[i], ti = geo.out_per_group(i), K = gi * kk, nq = C / gi;
         // dW[q] (ti x K) += grad_out[q] (ti x L) @ col[q]^T (L x K)
-        batch_view(mine + offset[i] + j * tG * K, nq, ti, K, K)
+        batch_view(mine + offset[i] + j * tC * K, nq, ti, K, K)
             .baddbmm_(batch_view(gout.data(), nq, ti, L, L), batch_view(col.data(), nq, K, L, L).transpose(1, 2));
       }
     });

@@ -4,6 +4,7 @@
 // P = Ho * Wo output pixels, so a tile has L = images * P columns.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -11,6 +12,14 @@
 
 namespace gross {
 namespace cpu {
+
+// Output columns [lo, hi) whose input column ow*sw - pw + j*dw lies inside the image, for kernel column j.
+inline void inside_columns(const SeriesGeometry& g, int64_t j, int64_t& lo, int64_t& hi) {
+  const int64_t shift = j * g.dw - g.pw;  // iw = ow * sw + shift
+  lo = shift >= 0 ? 0 : (-shift + g.sw - 1) / g.sw;
+  hi = g.W - 1 - shift < 0 ? 0 : std::min(g.Wo, (g.W - 1 - shift) / g.sw + 1);
+  lo = std::min(lo, hi);
+}
 
 // col[(c*kh + i)*kw + j][l] = x[n][c][ih][iw] (0 outside the image) for C channels starting at
 // `x` (image 0, first channel of the block); images are `image_stride` elements apart.
@@ -21,15 +30,21 @@ void im2col_tile(const T* x, int64_t C, int64_t images, int64_t image_stride, co
     for (int64_t i = 0; i < g.kh; ++i) {
       for (int64_t j = 0; j < g.kw; ++j) {
         T* dst = col + ((c * g.kh + i) * g.kw + j) * L;
+        int64_t lo, hi;
+        inside_columns(g, j, lo, hi);
+        const int64_t shift = j * g.dw - g.pw;
         for (int64_t n = 0; n < images; ++n) {
           const T* plane = x + n * image_stride + c * HW;
-          for (int64_t oh = 0; oh < g.Ho; ++oh) {
+          for (int64_t oh = 0; oh < g.Ho; ++oh, dst += g.Wo) {
             const int64_t ih = oh * g.sh - g.ph + i * g.dh;
-            const bool row_inside = ih >= 0 && ih < g.H;
-            for (int64_t ow = 0; ow < g.Wo; ++ow) {
-              const int64_t iw = ow * g.sw - g.pw + j * g.dw;
-              *dst++ = (row_inside && iw >= 0 && iw < g.W) ? plane[ih * g.W + iw] : T(0);
+            if (ih < 0 || ih >= g.H) {
+              std::fill(dst, dst + g.Wo, T(0));
+              continue;
             }
+            const T* row = plane + ih * g.W;
+            std::fill(dst, dst + lo, T(0));
+            for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = row[ow * g.sw + shift];
+            std::fill(dst + hi, dst + g.Wo, T(0));
           }
         }
       }
@@ -45,18 +60,16 @@ void col2im_tile(const T* col, int64_t C, int64_t images, int64_t image_stride, 
     for (int64_t i = 0; i < g.kh; ++i) {
       for (int64_t j = 0; j < g.kw; ++j) {
         const T* src = col + ((c * g.kh + i) * g.kw + j) * L;
+        int64_t lo, hi;
+        inside_columns(g, j, lo, hi);
+        const int64_t shift = j * g.dw - g.pw;
         for (int64_t n = 0; n < images; ++n) {
           T* plane = x + n * image_stride + c * HW;
-          for (int64_t oh = 0; oh < g.Ho; ++oh) {
+          for (int64_t oh = 0; oh < g.Ho; ++oh, src += g.Wo) {
             const int64_t ih = oh * g.sh - g.ph + i * g.dh;
-            if (ih < 0 || ih >= g.H) {
-              src += g.Wo;
-              continue;
-            }
-            for (int64_t ow = 0; ow < g.Wo; ++ow, ++src) {
-              const int64_t iw = ow * g.sw - g.pw + j * g.dw;
-              if (iw >= 0 && iw < g.W) plane[ih * g.W + iw] += *src;
-            }
+            if (ih < 0 || ih >= g.H) continue;
+            T* row = plane + ih * g.W;
+            for (int64_t ow = lo; ow < hi; ++ow) row[ow * g.sw + shift] += src[ow];
           }
         }
       }
