@@ -94,7 +94,7 @@ def test_emulated_forward_matches_oracle(lib, case, G):
     x, cores, active, geom = make_case(case, G)
     *_, stride, padding, dilation, gs = case
     want = naive_series_conv(x, cores, gs, G, stride, padding, dilation)
-    for variant in (0, 1, 2, 3):  # direct, GEMM with 16/32/64-wide N tiles
+    for variant in range(7):  # direct; GEMM with 16/32/64-wide N tiles; the same on tensor cores
         out = nan(*want.shape)
         assert lib.gk_emulate_forward(ptr(x), ptrs([cores[i] for i in active]), ints([gs[i] for i in active]),
                                       len(active), geom, variant, ptr(out)) == 0
@@ -118,11 +118,11 @@ def test_emulated_backward_matches_oracle(lib, case, G):
     gz = torch.randn_like(z)
     want_x, *want_w = oracle_grads(x, cores, case, G, gz)
     act_cores, act_gs = [cores[i] for i in active], ints([gs[i] for i in active])
-    for variant in (0, 1, 2, 3):
+    for variant in range(7):
         gx = nan(*x.shape)
         assert lib.gk_emulate_backward_input(ptr(gz), ptrs(act_cores), act_gs, len(active), geom, variant, ptr(gx)) == 0
         torch.testing.assert_close(gx, want_x, **TOL, msg=lambda m: f"grad_x variant {variant}: {m}")
-    for variant in (0, 1):  # 16- and 64-row weight tiles
+    for variant in range(4):  # 16- and 64-row weight tiles, SIMT and tensor-core
         for splits in (0, 1, 3):  # 0: the launcher's choice
             grads = [nan(*c.shape) for c in act_cores]
             used = lib.gk_emulate_backward_weight(ptr(gz), ptr(x), act_gs, len(active), geom, variant, splits,

@@ -5,6 +5,7 @@
 // and thread by thread with a barrier between phases, so the GPU's indexing runs here.
 #include <cmath>
 #include <cstdio>
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -168,13 +169,67 @@ void emulate_gemm(const P& p, int groups, int splits) {
       }
 }
 
-// Variant: 0 = direct path, 1/2/3 = GEMM with TileN16/32/64.
+// The tensor-core block: the same load / gather / store phases, with each warp's WMMA products
+// emulated by their definition (A column-major at sA + r0 with stride LDA, B row-major at sB + c0
+// with stride LDB, accumulators stored row-major into sC + r0 * LDC + c0 with stride LDC).
+template <class Cfg, class P>
+void emulate_gemm_tc(const P& p, int groups, int splits) {
+  using L = gemm::TcLayout<Cfg>;
+  constexpr int F = gemm::kFrag;
+  std::vector<float> sA(Cfg::SMEM_A), sB(Cfg::SMEM_B), sC(Cfg::BM * L::LDC);
+  std::vector<float> frag(L::WARPS * L::PER_WARP * F * F);
+  const int64_t mt = idx::ceil_div(p.M(), Cfg::BM), nt = idx::ceil_div(p.Ncol(), Cfg::BN);
+  for (int z = 0; z < groups * splits; ++z)
+    for (int64_t bx = 0; bx < mt; ++bx)
+      for (int64_t by = 0; by < nt; ++by) {
+        const int g = z % groups, split = z / groups;
+        const int64_t m0 = bx * Cfg::BM;
+        const int n0 = static_cast<int>(by) * Cfg::BN;
+        const idx::KRange kr = idx::split_range(p.K(), splits, split, Cfg::BK);
+        std::fill(frag.begin(), frag.end(), 0.0f);
+        for (int64_t k0 = kr.begin; k0 < kr.end; k0 += Cfg::BK) {
+          std::fill(sA.begin(), sA.end(), kNaN);
+          std::fill(sB.begin(), sB.end(), kNaN);
+          for (int tid = 0; tid < Cfg::THREADS; ++tid)
+            gemm::load_tiles<Cfg>(p, sA.data(), sB.data(), tid, g, m0, n0, k0, kr.end);
+          for (int warp = 0; warp < L::WARPS; ++warp)
+            for (int w = 0; w < L::PER_WARP; ++w) {
+              int r0, c0;
+              gemm::tc_subtile<Cfg>(warp, w, r0, c0);
+              float* c = frag.data() + (warp * L::PER_WARP + w) * F * F;
+              for (int r = 0; r < F; ++r)
+                for (int cc = 0; cc < F; ++cc)
+                  for (int k = 0; k < F; ++k)
+                    c[r * F + cc] += sA[r0 + r + k * Cfg::LDA] * sB[c0 + k * Cfg::LDB + cc];
+            }
+        }
+        std::fill(sC.begin(), sC.end(), kNaN);
+        for (int warp = 0; warp < L::WARPS; ++warp)
+          for (int w = 0; w < L::PER_WARP; ++w) {
+            int r0, c0;
+            gemm::tc_subtile<Cfg>(warp, w, r0, c0);
+            const float* c = frag.data() + (warp * L::PER_WARP + w) * F * F;
+            for (int r = 0; r < F; ++r)
+              for (int cc = 0; cc < F; ++cc) sC[(r0 + r) * L::LDC + c0 + cc] = c[r * F + cc];
+          }
+        for (int tid = 0; tid < Cfg::THREADS; ++tid) {
+          float acc[Cfg::TM][Cfg::TN];
+          gemm::gather_acc<Cfg>(sC.data(), acc, tid);
+          gemm::store_tile<Cfg>(p, acc, tid, g, split, m0, n0);
+        }
+      }
+}
+
+// Variant: 0 = direct path, 1/2/3 = GEMM with TileN16/32/64, 4/5/6 = tensor-core TcN16/32/64.
 template <class P>
 int run_gemm_variant(const P& p, int groups, int variant) {
   switch (variant) {
     case 1: emulate_gemm<gemm::TileN16>(p, groups, 1); return 0;
     case 2: emulate_gemm<gemm::TileN32>(p, groups, 1); return 0;
     case 3: emulate_gemm<gemm::TileN64>(p, groups, 1); return 0;
+    case 4: emulate_gemm_tc<gemm::TcN16>(p, groups, 1); return 0;
+    case 5: emulate_gemm_tc<gemm::TcN32>(p, groups, 1); return 0;
+    case 6: emulate_gemm_tc<gemm::TcN64>(p, groups, 1); return 0;
     default: return 1;
   }
 }
@@ -237,19 +292,22 @@ int gk_emulate_backward_input(const float* gz, const float* const* cores, const 
   return run_gemm_variant(p, s.groups, variant);
 }
 
-// variant 0 = TileW16, 1 = TileW64; splits <= 0 picks them as the launcher does. grads[i] is
+// variant 0 = TileW16, 1 = TileW64, 2 = TcW16, 3 = TcW64; splits <= 0 picks them as the launcher does. grads[i] is
 // term i's gradient (T, gs[i], kh, kw). Returns the number of splits used.
 int gk_emulate_backward_weight(const float* gz, const float* x, const int* gs, int nterms, const int* geom, int variant,
                                int splits, float* const* grads) {
   const idx::ConvGeom s = geom_of(geom);
   gemm::BackwardWeightProblem<float, float> p{gz, x, nullptr, s};
-  if (splits <= 0) splits = variant == 0 ? gemm::weight_splits<gemm::TileW16>(p) : gemm::weight_splits<gemm::TileW64>(p);
+  if (splits <= 0)
+    splits = variant % 2 == 0 ? gemm::weight_splits<gemm::TileW16>(p) : gemm::weight_splits<gemm::TileW64>(p);
   std::vector<float> ws(static_cast<size_t>(splits) * s.T * s.G * s.kh * s.kw, kNaN);
   p.ws = ws.data();
-  if (variant == 0)
-    emulate_gemm<gemm::TileW16>(p, s.groups, splits);
-  else
-    emulate_gemm<gemm::TileW64>(p, s.groups, splits);
+  switch (variant) {
+    case 0: emulate_gemm<gemm::TileW16>(p, s.groups, splits); break;
+    case 1: emulate_gemm<gemm::TileW64>(p, s.groups, splits); break;
+    case 2: emulate_gemm_tc<gemm::TcW16>(p, s.groups, splits); break;
+    default: emulate_gemm_tc<gemm::TcW64>(p, s.groups, splits); break;
+  }
   for (int i = 0; i < nterms; ++i) {
     const int to = idx::outs_per_group(s.S, s.T, gs[i]);
     const int64_t numel = static_cast<int64_t>(s.T) * gs[i] * s.kh * s.kw;

@@ -92,24 +92,28 @@ GK_HD void stage_u(const Args<scalar_t>& a, acc_t* u, int n, int tile, int tid, 
   }
 }
 
-// Phase 2: z[t][q] = the series core at tile pixel q (zero outside the output).
+// Phase 2: z[t][q] = the series core at tile pixel q (zero outside the output). Each term adds its
+// own block-diagonal piece, so a pixel costs sum_i g_i * kh * kw multiply-adds, not G * kh * kw per term.
 template <typename scalar_t, typename acc_t>
 GK_HD void stage_z(const Args<scalar_t>& a, const acc_t* u, acc_t* z, int tile, int tid, int nthreads) {
   const ConvGeom& s = a.s;
   int oh0, ow0;
   tile_origin(a.ts, a.tiles_w, tile, oh0, ow0);
-  const int area = a.ts.th * a.ts.tw, harea = a.ts.hh * a.ts.hw;
+  const int area = a.ts.th * a.ts.tw, harea = a.ts.hh * a.ts.hw, khw = s.kh * s.kw;
   for (int e = tid; e < s.T * area; e += nthreads) {
     const int t = e / area, q = e % area, qh = q / a.ts.tw, qw = q % a.ts.tw;
     acc_t v = acc_t(0);
     if (oh0 + qh < s.Ho && ow0 + qw < s.Wo) {
-      const int cin0 = (t / s.toG) * s.G;
-      for (int c = 0; c < s.G; ++c) {
-        const acc_t* up = u + (cin0 + c) * harea;
-        for (int i = 0; i < s.kh; ++i)
-          for (int j = 0; j < s.kw; ++j)
-            v += idx::effective_weight<acc_t>(a.terms, t, cin0 + c, i * s.kw + j) *
-                 up[(qh * s.sh + i * s.dh) * a.ts.hw + qw * s.sw + j * s.dw];
+      const acc_t* uq = u + qh * s.sh * a.ts.hw + qw * s.sw;
+      for (int term = 0; term < a.terms.n; ++term) {
+        const int g = a.terms.g[term], cin0 = (t / a.terms.to[term]) * g;
+        const scalar_t* w = a.terms.w[term] + static_cast<int64_t>(t) * g * khw;
+        for (int c = 0; c < g; ++c) {
+          const acc_t* up = uq + (cin0 + c) * harea;
+          for (int i = 0; i < s.kh; ++i)
+            for (int j = 0; j < s.kw; ++j)
+              v += static_cast<acc_t>(w[(c * s.kh + i) * s.kw + j]) * up[i * s.dh * a.ts.hw + j * s.dw];
+        }
       }
     }
     z[e] = v;

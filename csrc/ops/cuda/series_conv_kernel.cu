@@ -4,12 +4,27 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#include <type_traits>
 #include <torch/library.h>
 
 #include "ops/cuda/series_gemm.h"
 #include "ops/cuda/series_host.h"
 
 namespace gross {
+namespace gemm {
+template <>
+struct SmemCast<__half> {
+  static __host__ __device__ __forceinline__ __half from(float v) { return __float2half_rn(v); }
+};
+template <>
+struct SmemCast<__nv_bfloat16> {
+  static __host__ __device__ __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+};
+}  // namespace gemm
+
 namespace {
 
 using idx::ConvGeom;
@@ -44,26 +59,105 @@ __global__ void __launch_bounds__(Cfg::THREADS) gemm_kernel(P p, int groups, int
   gemm::store_tile<Cfg>(p, acc, tid, g, split, m0, n0);
 }
 
-template <class Cfg, class P, typename acc_t>
-void launch_gemm_cfg(const P& p, int groups, int splits, cudaStream_t stream) {
+// Tensor-core GEMM block (sm_80+; the launcher only picks it there): same grid and phases as
+// gemm_kernel, with WMMA products on tc_t (__half or __nv_bfloat16) tiles and float accumulators.
+template <class Cfg, class P, typename tc_t>
+__global__ void __launch_bounds__(Cfg::THREADS) gemm_tc_kernel(P p, int groups, int splits) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  using L = gemm::TcLayout<Cfg>;
+  __shared__ __align__(32) tc_t sA[Cfg::SMEM_A];
+  __shared__ __align__(32) tc_t sB[Cfg::SMEM_B];
+  __shared__ __align__(32) float sC[Cfg::BM * L::LDC];
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int g = blockIdx.z % groups, split = blockIdx.z / groups;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * Cfg::BM;
+  const int n0 = blockIdx.y * Cfg::BN;
+  const idx::KRange kr = idx::split_range(p.K(), splits, split, Cfg::BK);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[L::PER_WARP];
+#pragma unroll
+  for (int w = 0; w < L::PER_WARP; ++w) wmma::fill_fragment(c[w], 0.0f);
+  for (int64_t k0 = kr.begin; k0 < kr.end; k0 += Cfg::BK) {
+    gemm::load_tiles<Cfg>(p, sA, sB, tid, g, m0, n0, k0, kr.end);
+    __syncthreads();
+#pragma unroll
+    for (int w = 0; w < L::PER_WARP; ++w) {
+      int r0, c0;
+      gemm::tc_subtile<Cfg>(warp, w, r0, c0);
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, tc_t, wmma::col_major> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, tc_t, wmma::row_major> b;
+      wmma::load_matrix_sync(a, sA + r0, Cfg::LDA);
+      wmma::load_matrix_sync(b, sB + c0, Cfg::LDB);
+      wmma::mma_sync(c[w], a, b, c[w]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int w = 0; w < L::PER_WARP; ++w) {
+    int r0, c0;
+    gemm::tc_subtile<Cfg>(warp, w, r0, c0);
+    wmma::store_matrix_sync(sC + r0 * L::LDC + c0, c[w], L::LDC, wmma::mem_row_major);
+  }
+  __syncthreads();
+  float acc[Cfg::TM][Cfg::TN];
+  gemm::gather_acc<Cfg>(sC, acc, tid);
+  gemm::store_tile<Cfg>(p, acc, tid, g, split, m0, n0);
+#elif defined(__CUDA_ARCH__)
+  __trap();  // never launched below sm_80
+#endif
+}
+
+// The tensor-core element type of a torch dtype (void: no tensor-core path).
+template <typename scalar_t>
+struct TcType {
+  using type = void;
+};
+template <>
+struct TcType<at::Half> {
+  using type = __half;
+};
+template <>
+struct TcType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+// Whether the current device has sm_80+ tensor cores for float16 / bfloat16 WMMA.
+bool device_has_tc() {
+  int device = 0, major = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 8;
+}
+
+// Launches the SIMT block Cfg, or its tensor-core twin TcCfg on tc_t tiles when `tc` is set.
+template <class Cfg, class TcCfg, class P, typename acc_t, typename tc_t>
+void launch_gemm_cfg(const P& p, int groups, int splits, bool tc, cudaStream_t stream) {
+  static_assert(Cfg::BM == TcCfg::BM && Cfg::BN == TcCfg::BN && Cfg::BK == TcCfg::BK, "twins share the grid");
   const dim3 grid(static_cast<unsigned>(idx::ceil_div(p.M(), Cfg::BM)),
                   static_cast<unsigned>(idx::ceil_div(p.Ncol(), Cfg::BN)), static_cast<unsigned>(groups * splits));
   TORCH_CHECK(grid.y <= kMaxGridYZ && grid.z <= kMaxGridYZ, "series conv: grid too large (", grid.y, ", ", grid.z,
               ")");
+  if constexpr (!std::is_void<tc_t>::value) {
+    if (tc) {
+      gemm_tc_kernel<TcCfg, P, tc_t><<<grid, TcCfg::THREADS, 0, stream>>>(p, groups, splits);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
   gemm_kernel<Cfg, P, acc_t><<<grid, Cfg::THREADS, 0, stream>>>(p, groups, splits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Forward / input-gradient GEMM: the N tile is the narrowest of 16, 32, 64 covering the columns.
-template <class P, typename acc_t>
-void launch_gemm(const P& p, int groups, cudaStream_t stream) {
+template <class P, typename acc_t, typename tc_t>
+void launch_gemm(const P& p, int groups, bool tc, cudaStream_t stream) {
   const int ncol = p.Ncol();
   if (ncol <= 16)
-    launch_gemm_cfg<gemm::TileN16, P, acc_t>(p, groups, 1, stream);
+    launch_gemm_cfg<gemm::TileN16, gemm::TcN16, P, acc_t, tc_t>(p, groups, 1, tc, stream);
   else if (ncol <= 32)
-    launch_gemm_cfg<gemm::TileN32, P, acc_t>(p, groups, 1, stream);
+    launch_gemm_cfg<gemm::TileN32, gemm::TcN32, P, acc_t, tc_t>(p, groups, 1, tc, stream);
   else
-    launch_gemm_cfg<gemm::TileN64, P, acc_t>(p, groups, 1, stream);
+    launch_gemm_cfg<gemm::TileN64, gemm::TcN64, P, acc_t, tc_t>(p, groups, 1, tc, stream);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -123,6 +217,8 @@ at::Tensor forward_cuda(const at::Tensor& x_in, at::TensorList cores, at::IntArr
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "series_conv_forward_cuda", [&] {
     using acc_t = typename host::Acc<scalar_t>::type;
+    using tc_t = typename TcType<scalar_t>::type;
+    const bool use_tc = !std::is_void<tc_t>::value && device_has_tc();
     const auto terms = host::make_terms<scalar_t>(act, s);
     if (gemm::use_direct_forward(s)) {
       const size_t smem = sizeof(acc_t) * s.G * s.kh * s.kw;
@@ -131,7 +227,7 @@ at::Tensor forward_cuda(const at::Tensor& x_in, at::TensorList cores, at::IntArr
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       const gemm::ForwardProblem<scalar_t, acc_t> p{x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), terms, s};
-      launch_gemm<decltype(p), acc_t>(p, s.groups, stream);
+      launch_gemm<decltype(p), acc_t, tc_t>(p, s.groups, use_tc, stream);
     }
   });
   return out;
@@ -154,6 +250,8 @@ at::Tensor backward_input_cuda(const at::Tensor& gz_in, at::TensorList cores, at
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gz.scalar_type(), "series_conv_backward_input_cuda", [&] {
     using acc_t = typename host::Acc<scalar_t>::type;
+    using tc_t = typename TcType<scalar_t>::type;
+    const bool use_tc = !std::is_void<tc_t>::value && device_has_tc();
     const auto terms = host::make_terms<scalar_t>(act, s);
     if (gemm::use_direct_backward_input(s)) {
       const size_t smem = sizeof(acc_t) * s.toG * s.kh * s.kw;
@@ -164,23 +262,23 @@ at::Tensor backward_input_cuda(const at::Tensor& gz_in, at::TensorList cores, at
     } else {
       const gemm::BackwardInputProblem<scalar_t, acc_t> p{gz.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), terms,
                                                           s};
-      launch_gemm<decltype(p), acc_t>(p, s.groups, stream);
+      launch_gemm<decltype(p), acc_t, tc_t>(p, s.groups, use_tc, stream);
     }
   });
   return gx;
 }
 
 // Weight-gradient GEMM with split-K into `ws`; the M tile (output channels per group) is 16 or 64.
-template <class Cfg, typename scalar_t, typename acc_t>
+template <class Cfg, class TcCfg, typename tc_t, typename scalar_t, typename acc_t>
 at::Tensor weight_partials(const gemm::BackwardWeightProblem<scalar_t, acc_t>& proto, const at::Tensor& like,
-                           int& splits, cudaStream_t stream) {
+                           int& splits, bool tc, cudaStream_t stream) {
   const ConvGeom& s = proto.s;
   splits = gemm::weight_splits<Cfg>(proto);
   const auto acc_type = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
   at::Tensor ws = at::empty({splits, s.T, s.G * s.kh * s.kw}, like.options().dtype(acc_type));
   auto p = proto;
   p.ws = ws.data_ptr<acc_t>();
-  launch_gemm_cfg<Cfg, decltype(p), acc_t>(p, s.groups, splits, stream);
+  launch_gemm_cfg<Cfg, TcCfg, decltype(p), acc_t, tc_t>(p, s.groups, splits, tc, stream);
   return ws;
 }
 
@@ -205,11 +303,14 @@ std::vector<at::Tensor> backward_weight_cuda(const at::Tensor& gz_in, const at::
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "series_conv_backward_weight_cuda", [&] {
     using acc_t = typename host::Acc<scalar_t>::type;
+    using tc_t = typename TcType<scalar_t>::type;
+    const bool use_tc = !std::is_void<tc_t>::value && device_has_tc();
     const gemm::BackwardWeightProblem<scalar_t, acc_t> proto{gz.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), nullptr,
                                                              s};
     int splits = 1;
-    const at::Tensor ws = s.toG <= 16 ? weight_partials<gemm::TileW16>(proto, x, splits, stream)
-                                      : weight_partials<gemm::TileW64>(proto, x, splits, stream);
+    const at::Tensor ws = s.toG <= 16
+                              ? weight_partials<gemm::TileW16, gemm::TcW16, tc_t>(proto, x, splits, use_tc, stream)
+                              : weight_partials<gemm::TileW64, gemm::TcW64, tc_t>(proto, x, splits, use_tc, stream);
     for (size_t i = 0; i < act.size(); ++i) {
       const int g = static_cast<int>(act[i].size(1));
       const int64_t numel = grads[i].numel();

@@ -20,13 +20,14 @@ using idx::SeriesTerms;
 
 // Block tile BM x BN, K-step BK, each thread owning TM x TN outputs. Thread `tid` owns rows
 // tm + i * RT and columns tn + j * CT (tm = tid % RT fastest), so a warp's stores along M
-// (pixels, contiguous in NCHW) are coalesced and its shared-memory reads broadcast.
-template <int BM_, int BN_, int BK_, int TM_, int TN_>
+// (pixels, contiguous in NCHW) are coalesced and its shared-memory reads broadcast. The shared
+// tiles' rows are padded by PAD elements: 1 spreads column-wise writes over distinct banks; the
+// tensor-core tiles use 8, as WMMA needs row strides that are multiples of 16 bytes.
+template <int BM_, int BN_, int BK_, int TM_, int TN_, int PAD = 1>
 struct Tile {
   static constexpr int BM = BM_, BN = BN_, BK = BK_, TM = TM_, TN = TN_;
   static constexpr int RT = BM / TM, CT = BN / TN, THREADS = RT * CT;
-  // Row strides of the shared tiles, padded by one so column-wise writes hit distinct banks.
-  static constexpr int LDA = BM + 1, LDB = BN + 1;
+  static constexpr int LDA = BM + PAD, LDB = BN + PAD;
   static constexpr int SMEM_A = BK * LDA, SMEM_B = BK * LDB;
   static_assert(BM % TM == 0 && BN % TN == 0, "tile must divide into thread tiles");
 };
@@ -38,6 +39,19 @@ using TileN32 = Tile<64, 32, 16, 4, 4>;
 using TileN64 = Tile<64, 64, 16, 4, 4>;
 using TileW16 = Tile<16, 64, 16, 2, 4>;
 using TileW64 = Tile<64, 64, 16, 4, 4>;
+
+// Converts an accumulator value to the shared-tile element type (the CUDA file specialises it
+// for the tensor-core types __half and __nv_bfloat16, whose implicit conversions torch disables).
+template <typename smem_t>
+struct SmemCast {
+  template <typename acc_t>
+  static GK_HD smem_t from(acc_t v) {
+    return static_cast<smem_t>(v);
+  }
+};
+
+// Row and reduction indices fit in 32 bits (the launchers refuse tensors of 2^31 elements or more),
+// so the gathers divide in 32-bit arithmetic, several times cheaper than 64-bit on the GPU.
 
 // The forward pass: A = im2col(x) gathered on the fly, B = W_eff.
 template <typename scalar_t, typename acc_t>
@@ -53,9 +67,9 @@ struct ForwardProblem {
   GK_HD int64_t K() const { return static_cast<int64_t>(s.G) * s.kh * s.kw; }
 
   GK_HD acc_t a(int g, int64_t m, int64_t k) const {
-    const int64_t hw = static_cast<int64_t>(s.Ho) * s.Wo;
-    const int n = static_cast<int>(m / hw), p = static_cast<int>(m % hw);
-    const int khw = s.kh * s.kw, c = static_cast<int>(k / khw), r = static_cast<int>(k % khw);
+    const int hw = s.Ho * s.Wo, mi = static_cast<int>(m), ki = static_cast<int>(k);
+    const int n = mi / hw, p = mi % hw;
+    const int khw = s.kh * s.kw, c = ki / khw, r = ki % khw;
     const int ih = idx::input_coord(p / s.Wo, r / s.kw, s.sh, s.ph, s.dh);
     const int iw = idx::input_coord(p % s.Wo, r % s.kw, s.sw, s.pw, s.dw);
     if (ih < 0 || ih >= s.H || iw < 0 || iw >= s.W) return acc_t(0);
@@ -63,13 +77,12 @@ struct ForwardProblem {
   }
   GK_HD acc_t b(int g, int64_t k, int n) const {
     const int khw = s.kh * s.kw;
-    return idx::effective_weight<acc_t>(terms, g * s.toG + n, g * s.G + static_cast<int>(k / khw),
-                                        static_cast<int>(k % khw));
+    const int ki = static_cast<int>(k);
+    return idx::effective_weight<acc_t>(terms, g * s.toG + n, g * s.G + ki / khw, ki % khw);
   }
   GK_HD void store(int g, int /*split*/, int64_t m, int n, acc_t v) const {
-    const int64_t hw = static_cast<int64_t>(s.Ho) * s.Wo;
-    const int64_t img = m / hw, p = m % hw;
-    out[(img * s.T + g * s.toG + n) * hw + p] = static_cast<scalar_t>(v);
+    const int hw = s.Ho * s.Wo, mi = static_cast<int>(m);
+    out[(static_cast<int64_t>(mi / hw) * s.T + g * s.toG + n) * hw + mi % hw] = static_cast<scalar_t>(v);
   }
 };
 
@@ -87,9 +100,9 @@ struct BackwardInputProblem {
   GK_HD int64_t K() const { return static_cast<int64_t>(s.toG) * s.kh * s.kw; }
 
   GK_HD acc_t a(int g, int64_t m, int64_t k) const {
-    const int64_t hw = static_cast<int64_t>(s.H) * s.W;
-    const int n = static_cast<int>(m / hw), p = static_cast<int>(m % hw);
-    const int khw = s.kh * s.kw, tl = static_cast<int>(k / khw), r = static_cast<int>(k % khw);
+    const int hw = s.H * s.W, mi = static_cast<int>(m), ki = static_cast<int>(k);
+    const int n = mi / hw, p = mi % hw;
+    const int khw = s.kh * s.kw, tl = ki / khw, r = ki % khw;
     const int oh = idx::output_coord(p / s.W, r / s.kw, s.sh, s.ph, s.dh, s.Ho);
     const int ow = idx::output_coord(p % s.W, r % s.kw, s.sw, s.pw, s.dw, s.Wo);
     if (oh < 0 || ow < 0) return acc_t(0);
@@ -97,13 +110,12 @@ struct BackwardInputProblem {
   }
   GK_HD acc_t b(int g, int64_t k, int n) const {
     const int khw = s.kh * s.kw;
-    return idx::effective_weight<acc_t>(terms, g * s.toG + static_cast<int>(k / khw), g * s.G + n,
-                                        static_cast<int>(k % khw));
+    const int ki = static_cast<int>(k);
+    return idx::effective_weight<acc_t>(terms, g * s.toG + ki / khw, g * s.G + n, ki % khw);
   }
   GK_HD void store(int g, int /*split*/, int64_t m, int n, acc_t v) const {
-    const int64_t hw = static_cast<int64_t>(s.H) * s.W;
-    const int64_t img = m / hw, p = m % hw;
-    gx[(img * s.S + g * s.G + n) * hw + p] = static_cast<scalar_t>(v);
+    const int hw = s.H * s.W, mi = static_cast<int>(m);
+    gx[(static_cast<int64_t>(mi / hw) * s.S + g * s.G + n) * hw + mi % hw] = static_cast<scalar_t>(v);
   }
 };
 
@@ -123,12 +135,12 @@ struct BackwardWeightProblem {
   GK_HD int64_t K() const { return static_cast<int64_t>(s.N) * s.Ho * s.Wo; }
 
   GK_HD acc_t a(int g, int64_t m, int64_t k) const {
-    const int64_t hw = static_cast<int64_t>(s.Ho) * s.Wo;
-    return static_cast<acc_t>(gz[((k / hw) * s.T + g * s.toG + m) * hw + k % hw]);
+    const int hw = s.Ho * s.Wo, ki = static_cast<int>(k);
+    return static_cast<acc_t>(gz[(static_cast<int64_t>(ki / hw) * s.T + g * s.toG + m) * hw + ki % hw]);
   }
   GK_HD acc_t b(int g, int64_t k, int n) const {
-    const int64_t hw = static_cast<int64_t>(s.Ho) * s.Wo;
-    const int img = static_cast<int>(k / hw), p = static_cast<int>(k % hw);
+    const int hw = s.Ho * s.Wo, ki = static_cast<int>(k);
+    const int img = ki / hw, p = ki % hw;
     const int khw = s.kh * s.kw, c = n / khw, r = n % khw;
     const int ih = idx::input_coord(p / s.Wo, r / s.kw, s.sh, s.ph, s.dh);
     const int iw = idx::input_coord(p % s.Wo, r % s.kw, s.sw, s.pw, s.dw);
@@ -165,23 +177,24 @@ GK_HD acc_t term_weight_grad(const acc_t* ws, int splits, const ConvGeom& s, int
 
 // Phase 1 of a K-step: thread `tid` fills its share of the A tile (sA[k][m]) and B tile
 // (sB[k][n]) for K indices [k0, k0 + BK) clipped to kend; out-of-range entries are zero.
-template <class Cfg, class P, typename acc_t>
-GK_HD void load_tiles(const P& p, acc_t* sA, acc_t* sB, int tid, int g, int64_t m0, int n0, int64_t k0,
+template <class Cfg, class P, typename smem_t>
+GK_HD void load_tiles(const P& p, smem_t* sA, smem_t* sB, int tid, int g, int64_t m0, int n0, int64_t k0,
                       int64_t kend) {
+  const smem_t zero = SmemCast<smem_t>::from(0.0f);
   const int64_t M = p.M();
   const int Ncol = p.Ncol();
   for (int e = tid; e < Cfg::BM * Cfg::BK; e += Cfg::THREADS) {
     const int mm = P::kAMFast ? e % Cfg::BM : e / Cfg::BK;
     const int kk = P::kAMFast ? e / Cfg::BM : e % Cfg::BK;
     const int64_t m = m0 + mm, k = k0 + kk;
-    sA[kk * Cfg::LDA + mm] = (m < M && k < kend) ? p.a(g, m, k) : acc_t(0);
+    sA[kk * Cfg::LDA + mm] = (m < M && k < kend) ? SmemCast<smem_t>::from(p.a(g, m, k)) : zero;
   }
   for (int e = tid; e < Cfg::BN * Cfg::BK; e += Cfg::THREADS) {
     const int nn = P::kBNFast ? e % Cfg::BN : e / Cfg::BK;
     const int kk = P::kBNFast ? e / Cfg::BN : e % Cfg::BK;
     const int n = n0 + nn;
     const int64_t k = k0 + kk;
-    sB[kk * Cfg::LDB + nn] = (n < Ncol && k < kend) ? p.b(g, k, n) : acc_t(0);
+    sB[kk * Cfg::LDB + nn] = (n < Ncol && k < kend) ? SmemCast<smem_t>::from(p.b(g, k, n)) : zero;
   }
 }
 
@@ -189,11 +202,16 @@ GK_HD void load_tiles(const P& p, acc_t* sA, acc_t* sB, int tid, int g, int64_t 
 template <class Cfg, typename acc_t>
 GK_HD void mma_tile(const acc_t* sA, const acc_t* sB, acc_t (&acc)[Cfg::TM][Cfg::TN], int tid) {
   const int tm = tid % Cfg::RT, tn = tid / Cfg::RT;
+  GK_UNROLL
   for (int kk = 0; kk < Cfg::BK; ++kk) {
     acc_t av[Cfg::TM], bv[Cfg::TN];
+    GK_UNROLL
     for (int i = 0; i < Cfg::TM; ++i) av[i] = sA[kk * Cfg::LDA + tm + i * Cfg::RT];
+    GK_UNROLL
     for (int j = 0; j < Cfg::TN; ++j) bv[j] = sB[kk * Cfg::LDB + tn + j * Cfg::CT];
+    GK_UNROLL
     for (int i = 0; i < Cfg::TM; ++i)
+      GK_UNROLL
       for (int j = 0; j < Cfg::TN; ++j) acc[i][j] += av[i] * bv[j];
   }
 }
@@ -205,14 +223,62 @@ GK_HD void store_tile(const P& p, const acc_t (&acc)[Cfg::TM][Cfg::TN], int tid,
   const int tm = tid % Cfg::RT, tn = tid / Cfg::RT;
   const int64_t M = p.M();
   const int Ncol = p.Ncol();
+  GK_UNROLL
   for (int i = 0; i < Cfg::TM; ++i) {
     const int64_t m = m0 + tm + i * Cfg::RT;
     if (m >= M) continue;
+    GK_UNROLL
     for (int j = 0; j < Cfg::TN; ++j) {
       const int n = n0 + tn + j * Cfg::CT;
       if (n < Ncol) p.store(g, split, m, n, acc[i][j]);
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core variant (float16 / bfloat16 inputs, float32 accumulation, sm_80+): the same load and
+// store phases around WMMA 16x16x16 products. The shared A tile (element (m, k) at k * LDA + m) is
+// a column-major M x BK matrix, B (element (k, n) at k * LDB + n) a row-major BK x N matrix; each
+// warp owns PER_WARP of the 16 x 16 output sub-tiles, and the accumulators go through a shared
+// float tile sC (row-major, stride LDC) back to the per-thread layout of store_tile.
+
+using TcN16 = Tile<64, 16, 16, 4, 4, 8>;
+using TcN32 = Tile<64, 32, 16, 4, 4, 8>;
+using TcN64 = Tile<64, 64, 16, 4, 4, 8>;
+using TcW16 = Tile<16, 64, 16, 2, 4, 8>;
+using TcW64 = Tile<64, 64, 16, 4, 4, 8>;
+
+constexpr int kFrag = 16;
+
+template <class Cfg>
+struct TcLayout {
+  static constexpr int ROWS = Cfg::BM / kFrag;  // sub-tiles along M
+  static constexpr int SUBS = ROWS * (Cfg::BN / kFrag);
+  static constexpr int WARPS = Cfg::THREADS / 32;
+  static constexpr int PER_WARP = SUBS / WARPS;
+  static constexpr int LDC = Cfg::BN + 4;
+  static_assert(Cfg::BK == kFrag && Cfg::BM % kFrag == 0 && Cfg::BN % kFrag == 0, "WMMA tiles are 16x16x16");
+  static_assert(Cfg::THREADS % 32 == 0 && SUBS % WARPS == 0 && PER_WARP >= 1, "sub-tiles must split over warps");
+  static_assert(Cfg::LDA % 8 == 0 && Cfg::LDB % 8 == 0 && LDC % 4 == 0, "WMMA row strides");
+};
+
+// Top-left corner (r0, c0) of the `which`-th sub-tile of warp `warp`.
+template <class Cfg>
+GK_HD void tc_subtile(int warp, int which, int& r0, int& c0) {
+  const int sub = warp * TcLayout<Cfg>::PER_WARP + which;
+  r0 = (sub % TcLayout<Cfg>::ROWS) * kFrag;
+  c0 = (sub / TcLayout<Cfg>::ROWS) * kFrag;
+}
+
+// Thread `tid`'s outputs in store_tile's layout, read from the shared accumulator tile.
+template <class Cfg, typename acc_t>
+GK_HD void gather_acc(const float* sC, acc_t (&acc)[Cfg::TM][Cfg::TN], int tid) {
+  const int tm = tid % Cfg::RT, tn = tid / Cfg::RT;
+  GK_UNROLL
+  for (int i = 0; i < Cfg::TM; ++i)
+    GK_UNROLL
+    for (int j = 0; j < Cfg::TN; ++j)
+      acc[i][j] = sC[(tm + i * Cfg::RT) * TcLayout<Cfg>::LDC + tn + j * Cfg::CT];
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,8 +5,11 @@
 
 #if defined(__CUDACC__)
 #define GK_HD __host__ __device__ __forceinline__
+// Fully unrolled fixed-trip loops keep per-thread accumulator arrays in registers.
+#define GK_UNROLL _Pragma("unroll")
 #else
 #define GK_HD inline
+#define GK_UNROLL
 #endif
 
 namespace gross {
