@@ -1,6 +1,7 @@
 """Shared pieces of the Triton kernels: interpreter flag, term packing, autotune configs, the in-kernel series weight."""
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -36,9 +37,18 @@ def configs(choices):
     return choices[:1] if INTERPRET else choices
 
 
-def tune_bench(kernel_call, quantiles):
-    """Autotune timing with short warm-up/repeat (ms), so tuning many shapes takes seconds, not minutes."""
+def _tune_bench(kernel_call, quantiles):
+    # Short warm-up/repeat (ms): tuning the benchmark's ~100 shapes takes seconds, not minutes.
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def autotune(choices, key):
+    """`triton.autotune` over `configs(choices)` keyed by shape, with short timing and, where this
+    Triton supports it, results cached on disk so that a shape keeps its config across processes."""
+    accepted = inspect.signature(triton.autotune).parameters
+    extra = {name: value for name, value in (("do_bench", _tune_bench), ("cache_results", True))
+             if name in accepted}
+    return triton.autotune(configs=configs(choices), key=key, **extra)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -11,10 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (MAX_TERMS, check_index_range, configs, dot_precision, pack_terms,
-                      series_weight, tune_bench)
+from ._common import (MAX_TERMS, autotune, check_index_range, dot_precision, pack_terms,
+                      series_weight)
 
-_SHAPE_KEY = ["N", "H", "W", "S", "T", "G", "NT"]
+_SHAPE_KEY = ["N", "H", "W", "S", "T", "G", "NT", "KH", "KW", "sh", "sw"]
 # Term group sizes and count vary per layer; compiling a variant for each (Triton specialises
 # ints equal to 1 or divisible by 16) would cost far more than the few integer divisions saved.
 # Below this many channels per group the reduction runs over (channel, tap) pairs in one loop
@@ -29,11 +29,11 @@ def _gemm_configs():
         (128, 16, 32, 4, 2), (32, 16, 16, 4, 2), (64, 32, 32, 4, 3), (128, 32, 32, 4, 3), (128, 64, 32, 4, 3),
         (64, 64, 64, 4, 3), (128, 128, 32, 8, 3), (256, 64, 32, 8, 3), (64, 16, 16, 2, 3),
     ]
-    return configs([triton.Config({"BM": m, "BN": n, "BK": k}, num_warps=w, num_stages=s)
-                    for m, n, k, w, s in choices])
+    return [triton.Config({"BM": m, "BN": n, "BK": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in choices]
 
 
-@triton.autotune(configs=_gemm_configs(), key=_SHAPE_KEY, do_bench=tune_bench)
+@autotune(_gemm_configs(), key=_SHAPE_KEY)
 @triton.jit(do_not_specialize=_TERM_ARGS)
 def _forward_kernel(x_ptr, z_ptr, b_ptr,
                     w0, w1, w2, w3, w4, w5, w6, w7, g0, g1, g2, g3, g4, g5, g6, g7,
@@ -99,7 +99,7 @@ def _forward_kernel(x_ptr, z_ptr, b_ptr,
              mask=m_ok[:, None] & o_ok[None, :])
 
 
-@triton.autotune(configs=_gemm_configs(), key=_SHAPE_KEY, do_bench=tune_bench)
+@autotune(_gemm_configs(), key=_SHAPE_KEY)
 @triton.jit(do_not_specialize=_TERM_ARGS)
 def _backward_input_kernel(gz_ptr, gx_ptr,
                            w0, w1, w2, w3, w4, w5, w6, w7, g0, g1, g2, g3, g4, g5, g6, g7,
@@ -175,11 +175,11 @@ def _wgrad_configs():
         (16, 32, 128, 4, 2), (32, 32, 64, 4, 3), (64, 64, 64, 4, 3), (64, 32, 128, 4, 3),
         (128, 64, 64, 8, 3), (16, 16, 32, 4, 3),
     ]
-    return configs([triton.Config({"BO": o, "BC": c, "BP": p}, num_warps=w, num_stages=s)
-                    for o, c, p, w, s in choices])
+    return [triton.Config({"BO": o, "BC": c, "BP": p}, num_warps=w, num_stages=s)
+            for o, c, p, w, s in choices]
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["N", "H", "W", "S", "T", "G", "SPLIT"], do_bench=tune_bench)
+@autotune(_wgrad_configs(), key=["N", "H", "W", "S", "T", "G", "SPLIT", "KH", "KW", "sh", "sw"])
 @triton.jit
 def _backward_weight_kernel(gz_ptr, x_ptr, part_ptr,
                             N, H, W, Ho, Wo, S, T, G, SPLIT,
