@@ -35,13 +35,13 @@ _WORKER = _SETUP + textwrap.dedent("""
     from pipeline_helpers import small_embedded
 
     torch.set_num_threads(1)
-    rank, world = distributed.init_from_env()  # joins the group torchrun describes
+    rank, world = distributed.init_from_env("gloo")  # joins the group torchrun describes
     assert world == 2 and dist.get_backend() == "gloo"
     for mode in sys.argv[2:]:
         out = f"{sys.argv[1]}/{mode}"
         model, recipe = setup(mode)
         loaders = data.make_loaders(*small_embedded(128, 64), batch_size=16, shuffle=False)
-        result = train.fit(model, loaders[0], loaders[1], recipe, out_dir=out, progress=False, seed=4)
+        result = train.fit(model, loaders[0], loaders[1], recipe, out_dir=out, progress=False, device="cpu", seed=4)
         torch.save(model.state_dict(), f"{out}/rank{rank}.pt")
         with open(f"{out}/history{rank}.json", "w") as f:
             json.dump(result.history, f)
@@ -78,7 +78,7 @@ def test_torchrun_two_processes_match_single_process(ddp_runs, mode):
     # Unshuffled: rank 0 sees samples 0, 2, 4, …, rank 1 sees 1, 3, 5, …, so the averaged
     # gradient of two 16-sample batches is the gradient of one 32-sample batch.
     loaders = data.make_loaders(*small_embedded(128, 64), batch_size=32, shuffle=False)
-    single = train.fit(model, loaders[0], loaders[1], recipe, progress=False, seed=4)
+    single = train.fit(model, loaders[0], loaders[1], recipe, progress=False, device="cpu", seed=4)
 
     for key, value in single.model.state_dict().items():
         if isinstance(value, torch.Tensor):

@@ -52,19 +52,19 @@ def test_resume_after_crash_reproduces_uninterrupted_run(tmp_path):
     # scheduler, the configuration sampler and the augmentation / shuffling RNG streams.
     recipe = train.Recipe(epochs=3, lr=0.05, milestones=(2,), sample=True, series_only=True, weight_decay=1e-4)
     loaders = _loaders(augment=True)
-    full = train.fit(series_four_layer(), loaders[0], loaders[1], recipe, tmp_path / "full", progress=False, seed=2)
+    full = train.fit(series_four_layer(), loaders[0], loaders[1], recipe, tmp_path / "full", progress=False, device="cpu", seed=2)
 
     def crash(epoch, step):
         if (epoch, step) == (1, 2):
             raise Crash()
 
     with pytest.raises(Crash):
-        train.fit(series_four_layer(), loaders[0], loaders[1], recipe, tmp_path / "cut", progress=False, seed=2,
+        train.fit(series_four_layer(), loaders[0], loaders[1], recipe, tmp_path / "cut", progress=False, device="cpu", seed=2,
                   callback=crash)
     assert checkpoint.load(tmp_path / "cut" / train.CHECKPOINT_NAME)["epoch"] == 1
     torch.manual_seed(123)  # the resumed process starts from unrelated RNG states and weights
     resumed = train.fit(series_four_layer(seed=9), loaders[0], loaders[1], recipe, tmp_path / "cut",
-                        progress=False, seed=2, resume=True)
+                        progress=False, device="cpu", seed=2, resume=True)
     assert _states_equal(full.model.state_dict(), resumed.model.state_dict())
     assert _without_time(full.history) == _without_time(resumed.history)
     assert len(json.loads((tmp_path / "cut" / "metrics.json").read_text())) == 3
@@ -74,17 +74,17 @@ def test_resume_after_crash_reproduces_uninterrupted_run(tmp_path):
 def test_mismatched_checkpoint_is_refused_and_kept(tmp_path):
     recipe = train.Recipe(epochs=1, lr=0.05)
     loaders = _loaders(n_train=64)
-    train.fit(models.build("four_layer"), loaders[0], loaders[1], recipe, tmp_path, progress=False)
+    train.fit(models.build("four_layer"), loaders[0], loaders[1], recipe, tmp_path, progress=False, device="cpu")
     path = tmp_path / train.CHECKPOINT_NAME
     good = path.read_bytes()
     with pytest.raises(CheckpointError, match="recipe"):
         train.fit(models.build("four_layer"), loaders[0], loaders[1], train.Recipe(epochs=1, lr=0.01), tmp_path,
-                  resume=True, progress=False)
+                  resume=True, progress=False, device="cpu")
     with pytest.raises(CheckpointError, match="model"):
-        train.fit(series_four_layer(), loaders[0], loaders[1], recipe, tmp_path, resume=True, progress=False)
+        train.fit(series_four_layer(), loaders[0], loaders[1], recipe, tmp_path, resume=True, progress=False, device="cpu")
     path.write_bytes(good[:-100])
     with pytest.raises(CheckpointError, match="corrupt"):
-        train.fit(models.build("four_layer"), loaders[0], loaders[1], recipe, tmp_path, resume=True, progress=False)
+        train.fit(models.build("four_layer"), loaders[0], loaders[1], recipe, tmp_path, resume=True, progress=False, device="cpu")
     assert path.read_bytes() == good[:-100]  # refused, not overwritten
 
 
@@ -97,7 +97,7 @@ def test_search_space_training_trains_only_series_factors():
     seen = []
     loaders = _loaders(n_train=96)
     recipe = train.Recipe(epochs=1, lr=0.05, sample=True, series_only=True)
-    result = train.train_search_space(model, loaders[0], loaders[1], recipe, progress=False,
+    result = train.train_search_space(model, loaders[0], loaders[1], recipe, progress=False, device="cpu",
                                       callback=lambda e, s: seen.append(config.get_config(model)))
     after = dict(model.named_parameters())
     assert all(torch.equal(after[n], p) for n, p in frozen.items())
@@ -109,7 +109,7 @@ def test_search_space_training_trains_only_series_factors():
     with pytest.raises(ValueError, match="sample=True"):
         train.train_search_space(model, loaders[0], loaders[1], train.Recipe(epochs=1, lr=0.1))
     with pytest.raises(ValueError, match="no SeriesConv2d"):
-        train.fit(models.build("four_layer"), loaders[0], loaders[1], recipe, progress=False)
+        train.fit(models.build("four_layer"), loaders[0], loaders[1], recipe, progress=False, device="cpu")
 
 
 def test_frozen_batch_norm_keeps_running_statistics():
@@ -117,9 +117,9 @@ def test_frozen_batch_norm_keeps_running_statistics():
                           nn.Linear(8, 10))
     loaders = _loaders(n_train=64)
     stats = model[1].running_mean.clone()
-    train.fit(model, loaders[0], loaders[1], train.Recipe(epochs=1, lr=0.01, freeze_bn=True), progress=False)
+    train.fit(model, loaders[0], loaders[1], train.Recipe(epochs=1, lr=0.01, freeze_bn=True), progress=False, device="cpu")
     assert torch.equal(model[1].running_mean, stats)
-    train.fit(model, loaders[0], loaders[1], train.Recipe(epochs=1, lr=0.01), progress=False)
+    train.fit(model, loaders[0], loaders[1], train.Recipe(epochs=1, lr=0.01), progress=False, device="cpu")
     assert not torch.equal(model[1].running_mean, stats)
 
 
@@ -128,7 +128,7 @@ def test_finetune_fixed_configuration():
     loaders = _loaders(n_train=64)
     chosen = {"conv2": 4, "conv3": 8, "conv4": 2}
     seen = []
-    train.finetune(model, chosen, loaders[0], loaders[1], train.Recipe(epochs=1, lr=0.05), progress=False,
+    train.finetune(model, chosen, loaders[0], loaders[1], train.Recipe(epochs=1, lr=0.05), progress=False, device="cpu",
                    callback=lambda e, s: seen.append(config.get_config(model)))
     assert seen == [chosen, chosen]
     with pytest.raises(ValueError, match="missing"):
@@ -140,7 +140,7 @@ def test_finetune_fixed_configuration():
 def test_from_scratch_keeps_median_run(tmp_path):
     loaders = _loaders(n_train=96)
     recipe = train.Recipe(epochs=1, lr=0.05, runs=3)
-    model, runs = train.train_from_scratch("four_layer", loaders, recipe, tmp_path, progress=False)
+    model, runs = train.train_from_scratch("four_layer", loaders, recipe, tmp_path, progress=False, device="cpu")
     accs = sorted(r["val_acc"] for r in runs)
     chosen = json.loads((tmp_path / "runs.json").read_text())["median_run"]
     assert runs[chosen]["val_acc"] == accs[1]
@@ -152,7 +152,7 @@ def test_from_scratch_keeps_median_run(tmp_path):
 def test_fit_learns_and_rejects_bad_arguments(tmp_path):
     loaders = _loaders(n_train=640, batch_size=32)
     result = train.fit(models.build("four_layer"), loaders[0], loaders[1],
-                       train.Recipe(epochs=5, lr=0.05, milestones=(4,)), progress=False)
+                       train.Recipe(epochs=5, lr=0.05, milestones=(4,)), progress=False, device="cpu")
     losses = [row["train_loss"] for row in result.history]
     assert losses[-1] < 0.5 * losses[0] and result.history[-1]["val_acc"] > 0.5
     assert [row["lr"] for row in result.history] == pytest.approx([0.05] * 4 + [0.005])
@@ -168,10 +168,10 @@ def test_fit_learns_and_rejects_bad_arguments(tmp_path):
 def test_end_to_end_train_convert_search_space(tmp_path):
     decompose = pytest.importorskip("gross.decompose", reason="gross.decompose has not landed")
     loaders = _loaders(n_train=128)
-    model, _ = train.train_from_scratch("four_layer", loaders, train.Recipe(epochs=2, lr=0.05), progress=False)
+    model, _ = train.train_from_scratch("four_layer", loaders, train.Recipe(epochs=2, lr=0.05), progress=False, device="cpu")
     converted = decompose.convert(model, models.default_spec("four_layer"), init="random")
     assert list(config.series_layers(converted)) == ["conv2", "conv3", "conv4"]
     recipe = train.get_recipe("four_layer/search", epochs=1, lr=1e-3, milestones=())
-    result = train.train_search_space(converted, loaders[0], loaders[1], recipe, out_dir=tmp_path, progress=False)
+    result = train.train_search_space(converted, loaders[0], loaders[1], recipe, out_dir=tmp_path, progress=False, device="cpu")
     assert 0.0 <= result.history[0]["val_acc_smallest"] <= 1.0
     assert (tmp_path / train.CHECKPOINT_NAME).exists()

@@ -25,21 +25,20 @@ def is_main():
     return rank() == 0
 
 
-def init_from_env():
+def init_from_env(backend=None):
     """Join the process group that torchrun describes (WORLD_SIZE > 1 in the env); no-op otherwise.
 
-    NCCL with one GPU per process (LOCAL_RANK) when CUDA is available, gloo on CPU.
+    backend: default NCCL with one GPU per process (LOCAL_RANK) when CUDA is available, else gloo.
     Returns (rank, world_size).
     """
     if not is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
                 raise ValueError(f"WORLD_SIZE > 1 but {var} is not set: launch with torchrun")
-        if torch.cuda.is_available():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl")
-        else:
-            dist.init_process_group("gloo")
+        dist.init_process_group(backend)
     return rank(), world_size()
 
 
