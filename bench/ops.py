@@ -1,0 +1,179 @@
+"""Times the whole decomposed layer (gk.series_bottleneck_conv2d) per backend on the paper's layer shapes.
+
+Columns: *naive* (the released GroSS approach, below), *reference*, *cpp*, *auto*; rows: layer ×
+{smallest, largest} group size × {forward, forward+backward}. Medians of repeated runs; every
+ratio compares timings taken in the same run. Prints a markdown table and writes JSON.
+`--clock cpu` measures the process's CPU time instead of wall time: with `--threads 1` it is
+the work done, unaffected by other processes competing for a shared machine's cores.
+
+    python bench/ops.py [--repeats 5] [--threads 2] [--clock wall] [--out bench/out/ops.json]
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+
+import torch
+import torch.nn.functional as F
+
+import gross_kernels as gk
+
+# (name, batch, C_in, C_out, spatial size, group sizes); bottleneck S = T = C_in, 3x3, pad 1.
+FOUR_LAYER = [(f"4-layer {name}", 128, cin, cout, hw, tuple(2 ** i for i in range(cin.bit_length())))
+              for name, cin, cout, hw in [("conv2", 32, 32, 16), ("conv3", 32, 64, 8), ("conv4", 64, 64, 4)]]
+VGG16_CIFAR = [(f"VGG-16 {name}", 64, c, c, hw, (1, 4, 16, 32))
+               for name, c, hw in [("conv2_2", 128, 16), ("conv3_2", 256, 8), ("conv4_2", 512, 4),
+                                   ("conv5_2", 512, 2)]]
+LAYERS = FOUR_LAYER + VGG16_CIFAR
+BACKENDS = ["naive", "reference", "cpp", "auto"]
+
+
+def naive_expand(core, g, G, S):
+    """The released GroSS expansion: loop over the term's filter groups, zero-pad each to G inputs, concatenate."""
+    T, _, kh, kw = core.shape
+    per_group = T * g // S
+    blocks = []
+    for group in range(S // g):
+        weight = core[group * per_group:(group + 1) * per_group]
+        position = group % (G // g)  # where this g-block sits inside its G-block
+        left = core.new_zeros(per_group, position * g, kh, kw)
+        right = core.new_zeros(per_group, G - (position + 1) * g, kh, kw)
+        blocks.append(torch.cat([left, weight, right], dim=1))
+    return torch.cat(blocks, dim=0)
+
+
+def naive_layer(x, firsts, cores, lasts, bias, group_sizes, group_size, stride, padding, dilation):
+    """Sum the expanded terms, then three convolutions (1x1, grouped kxk, 1x1 + bias)."""
+    S = firsts[0].shape[0]
+    active = [i for i, g in enumerate(group_sizes) if g <= group_size]
+    A = sum(firsts[i] for i in active)
+    B = sum(naive_expand(cores[i], group_sizes[i], group_size, S) for i in active)
+    C = sum(lasts[i] for i in active)
+    u = F.conv2d(x, A)
+    z = F.conv2d(u, B, None, stride, padding, dilation, S // group_size)
+    return F.conv2d(z, C, bias)
+
+
+def make_layer(batch, cin, cout, hw, group_sizes, dtype=torch.float32):
+    """Random inputs and term weights of one bottleneck layer (S = T = C_in, 3x3, padding 1)."""
+    S = T = cin
+    x = torch.randn(batch, cin, hw, hw, dtype=dtype)
+    firsts = [torch.randn(S, cin, 1, 1, dtype=dtype) * 0.1 for _ in group_sizes]
+    cores = [torch.randn(T, g, 3, 3, dtype=dtype) * 0.1 for g in group_sizes]
+    lasts = [torch.randn(cout, T, 1, 1, dtype=dtype) * 0.1 for _ in group_sizes]
+    bias = torch.randn(cout, dtype=dtype)
+    return x, firsts, cores, lasts, bias
+
+
+def runner(backend, tensors, group_sizes, group_size, backward):
+    """A zero-argument callable running the layer once (forward, or forward + backward)."""
+    x, firsts, cores, lasts, bias = tensors
+    params = [x, *firsts, *cores, *lasts, bias]
+
+    def layer():
+        if backend == "naive":
+            return naive_layer(x, firsts, cores, lasts, bias, group_sizes, group_size, 1, 1, 1)
+        return gk.series_bottleneck_conv2d(x, firsts, cores, lasts, bias, group_sizes, group_size,
+                                           stride=1, padding=1, dilation=1, backend=backend)
+
+    def forward():
+        with torch.no_grad():
+            layer()
+
+    def forward_backward():
+        for p in params:
+            p.grad = None
+        y = layer()
+        y.backward(grad_y)
+
+    if backward:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.no_grad():
+            grad_y = torch.randn_like(layer())
+        return forward_backward
+    return forward
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def median_ms(fn, repeats, clock):
+    """Median time of `repeats` calls after one warm-up call, in milliseconds."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = clock()
+        fn()
+        times.append((clock() - start) * 1e3)
+    return statistics.median(times)
+
+
+def run(repeats, backends, layers, clock):
+    """Time every (layer, group size, pass, backend); returns a list of row dicts."""
+    rows = []
+    for name, batch, cin, cout, hw, group_sizes in layers:
+        for group_size in (group_sizes[0], group_sizes[-1]):
+            for backward in (False, True):
+                tensors = make_layer(batch, cin, cout, hw, group_sizes)
+                row = {"layer": name, "batch": batch, "c_in": cin, "c_out": cout, "hw": hw,
+                       "group_sizes": list(group_sizes), "group_size": group_size,
+                       "pass": "fwd+bwd" if backward else "fwd", "ms": {}}
+                for backend in backends:
+                    fn = runner(backend, tensors, group_sizes, group_size, backward)
+                    row["ms"][backend] = median_ms(fn, repeats, clock)
+                rows.append(row)
+                print(format_row(row, backends), flush=True)
+    return rows
+
+
+def ratio(row, a, b):
+    ms = row["ms"]
+    return ms[a] / ms[b] if a in ms and b in ms else float("nan")
+
+
+def header(backends):
+    cols = ["layer", "N", "G", "pass"] + [f"{b} ms" for b in backends] + ["auto/ref", "auto/naive", "cpp/ref"]
+    return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
+
+
+def format_row(row, backends):
+    cells = [row["layer"], str(row["batch"]), str(row["group_size"]), row["pass"]]
+    cells += [f"{row['ms'][b]:.1f}" for b in backends]
+    cells += [f"{ratio(row, 'auto', 'reference'):.2f}", f"{ratio(row, 'auto', 'naive'):.2f}",
+              f"{ratio(row, 'cpp', 'reference'):.2f}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per cell (median reported)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall time or process CPU time")
+    parser.add_argument("--layers", default="", help="comma-separated substrings selecting layers")
+    parser.add_argument("--out", default="bench/out/ops.json", help="JSON output path")
+    args = parser.parse_args()
+    if args.repeats < 1 or args.threads < 1:
+        raise ValueError("--repeats and --threads must be >= 1")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    backends = [b for b in BACKENDS if b in ("naive", "auto") or b in gk.available_backends("cpu")]
+    keys = [k for k in args.layers.split(",") if k]
+    layers = [layer for layer in LAYERS if not keys or any(k in layer[0] for k in keys)]
+    print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, median of {args.repeats}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(header(backends))
+    rows = run(args.repeats, backends, layers, CLOCKS[args.clock])
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"date": datetime.now(timezone.utc).isoformat(), "machine": platform.platform(),
+                   "torch": torch.__version__, "threads": args.threads, "clock": args.clock, "repeats": args.repeats,
+                   "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
