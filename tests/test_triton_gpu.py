@@ -7,7 +7,6 @@ TRITON_INTERPRET unset (the conftest sets it only when it is absent, so export T
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 from oracle import naive_bottleneck, naive_series_conv
 
