@@ -172,3 +172,16 @@ def test_emulated_bottleneck_refuses_oversized_widths(lib):
     geom = ints([1, S, 3, 3, T, 3, 3, 1, 1, 0, 0, 1, 1, S])
     assert lib.gk_emulate_bottleneck(ptr(x), ptr(A), ptrs([core]), ints([S]), 1, ptr(C), None, geom,
                                      1, 1, 0, 0, ptr(y)) == 1
+
+
+def test_bottleneck_fit_rule(lib):
+    """The header's rule is the documented formula, and the registered op (CUDA builds) applies it."""
+    from gross_kernels import _extension
+    op = getattr(torch.ops.gross, "series_bottleneck_fits", None) if _extension.load() else None
+    for S, T in [(11, 18), (224, 224), (512, 512), (1300, 100), (1400, 20), (2048, 2048)]:
+        for k, stride, dil in [((3, 3), (1, 1), (1, 1)), ((5, 3), (2, 1), (1, 2)), ((1, 1), (1, 1), (1, 1))]:
+            halo = ((k[0] - 1) * dil[0] + 1) * ((k[1] - 1) * dil[1] + 1)
+            want = 4 * (S * halo + T) <= 48 * 1024
+            assert bool(lib.gk_bottleneck_fits(S, T, *k, *stride, *dil)) == want
+            if op is not None:
+                assert op(S, T, list(k), list(stride), list(dil)) == want

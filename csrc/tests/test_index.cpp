@@ -251,6 +251,11 @@ int gk_check_index(char* msg, int cap) {
   return f.count;
 }
 
+// The fused bottleneck's fit rule, for comparison with the registered op.
+int gk_bottleneck_fits(int S, int T, int kh, int kw, int sh, int sw, int dh, int dw) {
+  return bneck::fits(S, T, kh, kw, sh, sw, dh, dw) ? 1 : 0;
+}
+
 // geom: N, S, H, W, T, kh, kw, sh, sw, ph, pw, dh, dw, G. cores: the active terms only.
 int gk_emulate_forward(const float* x, const float* const* cores, const int* gs, int nterms, const int* geom,
                        int variant, float* out) {
