@@ -21,8 +21,8 @@ namespace {
 // Columns (images x output pixels) per tile: enough for efficient GEMMs, small enough that a
 // C*kh*kw x columns unfolding stays in cache.
 constexpr int64_t kColumns = 512;
-// Input channels per item at least (when G is smaller): amortises the per-GEMM call overhead,
-// which dominates for small group sizes.
+// Input channels per item when G is smaller: several G-blocks share one item and one GEMM call,
+// whose fixed overhead otherwise dominates at small group sizes.
 constexpr int64_t kChannels = 32;
 
 struct Tiling {
