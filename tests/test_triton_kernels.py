@@ -211,3 +211,12 @@ def test_benchmark_smoke_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "kernels.md").exists() and (tmp_path / "kernels.json").exists()
     assert "geomean" in (tmp_path / "kernels.md").read_text()
+
+
+def test_autotune_prunes_tiles_wider_than_the_layer():
+    from gross_kernels.triton import series
+    prune = series._forward_kernel.early_config_prune
+    everything = series._gemm_configs()
+    depthwise = prune(everything, {"S": 64, "T": 64, "G": 1}, KH=3, KW=3, FLAT=True)
+    assert depthwise and all(c.kwargs["BN"] == 16 and c.kwargs["BK"] == 16 for c in depthwise)
+    assert prune(everything, {"S": 512, "T": 512, "G": 512}, KH=3, KW=3, FLAT=False) == everything

@@ -42,13 +42,26 @@ def _tune_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
-def autotune(choices, key):
+def autotune(choices, key, widths):
     """`triton.autotune` over `configs(choices)` keyed by shape, with short timing and, where this
-    Triton supports it, results cached on disk so that a shape keeps its config across processes."""
+    Triton supports it, results cached on disk so that a shape keeps its config across processes.
+
+    `widths(args) -> {block name: extent}` gives the problem extent each block dimension tiles;
+    configs whose block exceeds max(16, next power of two of it) are pruned before compiling,
+    so a narrow layer neither compiles nor times tiles that would be mostly masked.
+    """
+    def prune(candidates, named_args, **kwargs):
+        extents = widths({**named_args, **kwargs})
+        kept = [c for c in candidates
+                if all(c.kwargs[b] <= max(16, triton.next_power_of_2(int(e)))
+                       for b, e in extents.items())]
+        return kept or candidates[:1]
+
     accepted = inspect.signature(triton.autotune).parameters
     extra = {name: value for name, value in (("do_bench", _tune_bench), ("cache_results", True))
              if name in accepted}
-    return triton.autotune(configs=configs(choices), key=key, **extra)
+    return triton.autotune(configs=configs(choices), key=key,
+                           prune_configs_by={"early_config_prune": prune}, **extra)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

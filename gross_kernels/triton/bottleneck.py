@@ -36,12 +36,13 @@ def fits_on_chip(C_in, S, T, C_out, kernel_size):
 
 def _fused_configs():
     choices = [(128, 16, 32, 4, 2), (32, 32, 32, 4, 2), (64, 32, 64, 4, 2), (64, 64, 64, 8, 2),
-               (128, 32, 32, 8, 2), (32, 16, 16, 4, 1)]
+               (128, 32, 32, 8, 2)]
     return [triton.Config({"BM": m, "BCI": ci, "BCO": co}, num_warps=w, num_stages=s)
             for m, ci, co, w, s in choices]
 
 
-@autotune(_fused_configs(), key=["N", "H", "W", "CI", "S", "T", "CO", "G", "NT", "KH", "KW", "sh"])
+@autotune(_fused_configs(), key=["N", "H", "W", "CI", "S", "T", "CO", "G", "NT", "KH", "KW", "sh"],
+          widths=lambda a: {"BCI": a["CI"], "BCO": a["CO"]})
 @triton.jit(do_not_specialize=series._TERM_ARGS)
 def _fused_forward_kernel(x_ptr, a_ptr, c_ptr, b_ptr, y_ptr,
                           w0, w1, w2, w3, w4, w5, w6, w7, g0, g1, g2, g3, g4, g5, g6, g7,

@@ -26,14 +26,28 @@ _TERM_ARGS = ["NT"] + [f"g{i}" for i in range(8)]
 def _gemm_configs():
     # The first entry is the interpreter's single config: few, large programs run fastest there.
     choices = [
-        (128, 16, 32, 4, 2), (32, 16, 16, 4, 2), (64, 32, 32, 4, 3), (128, 32, 32, 4, 3), (128, 64, 32, 4, 3),
-        (64, 64, 64, 4, 3), (128, 128, 32, 8, 3), (256, 64, 32, 8, 3), (64, 16, 16, 2, 3),
+        (128, 16, 32, 4, 2), (64, 32, 32, 4, 3), (128, 64, 32, 4, 3), (64, 64, 64, 4, 3),
+        (128, 128, 32, 8, 3), (256, 64, 32, 8, 3), (64, 16, 16, 2, 3),
     ]
     return [triton.Config({"BM": m, "BN": n, "BK": k}, num_warps=w, num_stages=s)
             for m, n, k, w, s in choices]
 
 
-@autotune(_gemm_configs(), key=_SHAPE_KEY)
+def _forward_widths(a):
+    tg = a["T"] * a["G"] // a["S"]
+    return {"BN": tg, "BK": a["G"] * a["KH"] * a["KW"] if a["FLAT"] else a["G"]}
+
+
+def _backward_input_widths(a):
+    tg = a["T"] * a["G"] // a["S"]
+    return {"BN": a["G"], "BK": tg * a["KH"] * a["KW"] if a["FLAT"] else tg}
+
+
+def _backward_weight_widths(a):
+    return {"BO": a["T"] * a["G"] // a["S"], "BC": a["G"] * a["KH"] * a["KW"]}
+
+
+@autotune(_gemm_configs(), key=_SHAPE_KEY, widths=_forward_widths)
 @triton.jit(do_not_specialize=_TERM_ARGS)
 def _forward_kernel(x_ptr, z_ptr, b_ptr,
                     w0, w1, w2, w3, w4, w5, w6, w7, g0, g1, g2, g3, g4, g5, g6, g7,
@@ -99,7 +113,7 @@ def _forward_kernel(x_ptr, z_ptr, b_ptr,
              mask=m_ok[:, None] & o_ok[None, :])
 
 
-@autotune(_gemm_configs(), key=_SHAPE_KEY)
+@autotune(_gemm_configs(), key=_SHAPE_KEY, widths=_backward_input_widths)
 @triton.jit(do_not_specialize=_TERM_ARGS)
 def _backward_input_kernel(gz_ptr, gx_ptr,
                            w0, w1, w2, w3, w4, w5, w6, w7, g0, g1, g2, g3, g4, g5, g6, g7,
@@ -173,13 +187,14 @@ def _backward_input_kernel(gz_ptr, gx_ptr,
 def _wgrad_configs():
     choices = [
         (16, 32, 128, 4, 2), (32, 32, 64, 4, 3), (64, 64, 64, 4, 3), (64, 32, 128, 4, 3),
-        (128, 64, 64, 8, 3), (16, 16, 32, 4, 3),
+        (128, 64, 64, 8, 3),
     ]
     return [triton.Config({"BO": o, "BC": c, "BP": p}, num_warps=w, num_stages=s)
             for o, c, p, w, s in choices]
 
 
-@autotune(_wgrad_configs(), key=["N", "H", "W", "S", "T", "G", "SPLIT", "KH", "KW", "sh", "sw"])
+@autotune(_wgrad_configs(), key=["N", "H", "W", "S", "T", "G", "SPLIT", "KH", "KW", "sh", "sw"],
+          widths=_backward_weight_widths)
 @triton.jit
 def _backward_weight_kernel(gz_ptr, x_ptr, part_ptr,
                             N, H, W, Ho, Wo, S, T, G, SPLIT,
