@@ -287,6 +287,7 @@ def bench_layer(layer, device, dtype, backends, smoke):
                 fwd.err[backend] = both.err[backend] = f"{type(error).__name__}: {error}"[:200]
                 fwd.ok = both.ok = False
                 print(f"[{layer.net} {layer.names[0]} G={G} {backend}] {error}", file=sys.stderr)
+        _time_unfused_forward(fwd, layer, G, xs, firsts, cores, lasts, bias, ref_y, device, smoke)
         flops, xb, yb = layer_costs(layer, G, esize)
         for row, f, b in ((fwd, flops, xb + yb), (both, 3 * flops, 3 * xb + 2 * yb)):
             if "triton" in row.ms:
@@ -295,6 +296,23 @@ def bench_layer(layer, device, dtype, backends, smoke):
         rows += [fwd, both]
         del ref_y, ref_grads, grad_y
     return rows
+
+
+def _time_unfused_forward(row, layer, G, xs, firsts, cores, lasts, bias, ref_y, device, smoke):
+    """Where the fused Triton forward applies, also time the three-launch Triton forward (column
+    'triton-unfused'), so that the fit rule can be checked against measurements."""
+    from gross_kernels.triton import bottleneck as tb
+
+    if not tb.fits_on_chip(layer.c_in, layer.S, layer.T, layer.c_out, (3, 3)):
+        return
+    active = [i for i, g in enumerate(layer.group_sizes) if g <= G]
+    with torch.no_grad():
+        args = (sum(firsts[i] for i in active), cores, sum(lasts[i] for i in active), bias,
+                layer.group_sizes, G, (layer.stride,) * 2, (1, 1), (1, 1))
+        row.err["triton-unfused"] = _rel(tb.forward(xs[0], *args, fused=False), ref_y)
+        row.ok &= row.err["triton-unfused"] < _tolerance(xs[0].dtype)
+        row.ms["triton-unfused"] = measure(lambda i: tb.forward(xs[i % len(xs)], *args,
+                                                                fused=False), device, smoke)
 
 
 def _geomean(values):
@@ -327,14 +345,15 @@ def render(rows, backends, peaks, meta):
                   "ok" if r.ok else "FAIL " + "; ".join(f"{k}: {v}" for k, v in r.err.items())]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| summary (geomean over rows) | pass | triton vs PyTorch | triton vs naive | "
-                  "% copy bandwidth, S ≤ 64 |", "|---|---|---|---|---|"]
+                  "% copy bandwidth, S ≤ 64 | fused vs triton-unfused |", "|---|---|---|---|---|---|"]
     for net in sorted({r.net for r in rows}) + ["all"]:
         for mode in ("fwd", "fwd+bwd"):
             sel = [r for r in rows if r.mode == mode and net in ("all", r.net)]
             small = [100 * r.gbps / copy_gbps for r in sel if r.S <= 64]
-            lines.append(f"| geomean {net} | {mode} | {_geomean([_speedup(r, 'reference') for r in sel]):.2f}× | "
-                         f"{_geomean([_speedup(r, 'naive') for r in sel]):.2f}× | "
-                         f"{_geomean(small):.0f}% |")
+            versus = [_geomean([_speedup(r, b) for r in sel])
+                      for b in ("reference", "naive", "triton-unfused")]
+            lines.append(f"| geomean {net} | {mode} | {versus[0]:.2f}× | {versus[1]:.2f}× | "
+                         f"{_geomean(small):.0f}% | {versus[2]:.2f}× |")
     return "\n".join(lines) + "\n"
 
 
@@ -376,7 +395,7 @@ def main(argv=None):
             json.dump({"meta": meta, "peaks": peaks, "rows": [asdict(r) for r in rows]}, f, indent=1)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    table = render(rows, backends, peaks, meta)
+    table = render(rows, backends + ["triton-unfused"], peaks, meta)
     if truncated:
         table += f"\nTruncated: the time budget ({args.budget_s:.0f} s) ran out before every layer.\n"
     with open(os.path.join(args.out, "kernels.md"), "w") as f:
