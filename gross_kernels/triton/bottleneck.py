@@ -136,10 +136,12 @@ def _fused_forward(x, A, cores, C, bias, group_sizes, group_size, stride, paddin
     def grid(meta):
         return (triton.cdiv(N * Ho * Wo, meta["BM"]),)
 
-    _fused_forward_kernel[grid](x, A, C, bias if bias is not None else y, y, *ptrs, *sizes,
+    has_bias = bias is not None
+    bias = bias.contiguous() if has_bias else y  # y: an unread placeholder pointer
+    _fused_forward_kernel[grid](x, A, C, bias, y, *ptrs, *sizes,
                                 N, H, W, Ho, Wo, CI, S, T, CO, group_size,
                                 *x.stride(), *y.stride(), *stride, *padding, *dilation,
-                                NT=nt, KH=KH, KW=KW, HAS_BIAS=bias is not None,
+                                NT=nt, KH=KH, KW=KW, HAS_BIAS=has_bias,
                                 PREC=dot_precision(x.dtype), SP=_padded(S), TP=_padded(T))
     return y
 

@@ -4,6 +4,12 @@ Each kernel works at the active group size G (S/G groups of G input and TG = T·
 channels). The weight of every reduction tile is the series sum built on the fly from the active
 terms' own tensors (`series_weight`), so no expanded weight exists and one launch covers all terms.
 Inputs and outputs may have any strides (contiguous or channels-last); accumulation is float32.
+
+Tiling: output pixels × output channels of one group per program, reducing per tap over channel
+tiles; below 16 channels per group (depthwise, G = 4, ...) the reduction runs over (channel, tap)
+pairs in im2col order instead, so tiny groups still fill 16-wide tiles. The weight gradient is a
+split-pixel GEMM writing float32 partials of grad W_eff (no atomics: deterministic), reduced and
+gathered into each term's block-diagonal slots by one more launch.
 """
 from __future__ import annotations
 
@@ -15,11 +21,11 @@ from ._common import (MAX_TERMS, autotune, check_index_range, dot_precision, pac
                       series_weight)
 
 _SHAPE_KEY = ["N", "H", "W", "S", "T", "G", "NT", "KH", "KW", "sh", "sw"]
-# Term group sizes and count vary per layer; compiling a variant for each (Triton specialises
-# ints equal to 1 or divisible by 16) would cost far more than the few integer divisions saved.
 # Below this many channels per group the reduction runs over (channel, tap) pairs in one loop
 # instead of per tap, so a depthwise or G = 4 layer does not pad each tap's tile to 16 channels.
 _FLAT_BELOW = 16
+# Term group sizes and count vary per layer; compiling a variant for each (Triton specialises
+# ints equal to 1 or divisible by 16) would cost far more than the few integer divisions saved.
 _TERM_ARGS = ["NT"] + [f"g{i}" for i in range(8)]
 
 
@@ -322,10 +328,12 @@ def forward(x, cores, group_sizes, group_size, stride, padding, dilation, bias=N
     def grid(meta):
         return (triton.cdiv(N * Ho * Wo, meta["BM"]), triton.cdiv(TG, meta["BN"]), S // G)
 
-    _forward_kernel[grid](x, z, bias if bias is not None else z, *ptrs, *sizes,
+    has_bias = bias is not None
+    bias = bias.contiguous() if has_bias else z  # z: an unread placeholder pointer
+    _forward_kernel[grid](x, z, bias, *ptrs, *sizes,
                           N, H, W, Ho, Wo, S, T, G, *x.stride(), *z.stride(),
                           *stride, *padding, *dilation,
-                          NT=nt, KH=KH, KW=KW, FLAT=G < _FLAT_BELOW, HAS_BIAS=bias is not None,
+                          NT=nt, KH=KH, KW=KW, FLAT=G < _FLAT_BELOW, HAS_BIAS=has_bias,
                           PREC=dot_precision(x.dtype))
     return z
 
