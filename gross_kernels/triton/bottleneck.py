@@ -10,7 +10,14 @@ Inside the fused kernel the core is applied as one block-diagonal S × T matrix 
 the fly from the active terms (zeros off the blocks), so small group sizes spend extra tensor-core
 work to keep every tile ≥ 16 wide. u is recomputed for each tap from x instead of being written
 out with a halo: x at a padded position loads as 0 and A has no bias, so u is exactly 0 there.
+The price is KH·KW times the A product's arithmetic; it buys not writing and re-reading u and z
+(4 activation passes). Whether that pays per shape is what bench/kernels.py's 'triton-unfused'
+column measures (not yet measured on a GPU: see bench/RESULTS.md).
+
 The backward pass runs as separate kernels (recompute u and z, then five GEMM-shaped kernels).
+It is not fused: the weight gradients need grad_z, u and grad_u in memory anyway (each is a
+reduction over all pixels), so chaining the input-gradient convolutions on chip would only save
+re-reading two of them.
 """
 from __future__ import annotations
 
