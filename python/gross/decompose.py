@@ -100,14 +100,20 @@ def _blocks_from_factors(A, B, C, W_shape, S, T):
     return _btd.Blocks(U, torch.einsum("bst,btpg,bhg->bsph", Ru, K, Rv), V)
 
 
-def btd(weight, group_size, bottleneck=None, tol=1e-5, max_iter=500, init="hosvd", sweeps=1,
-        device=None) -> BTDResult:
+METHODS = ("pci", "als")
+
+
+def btd(weight, group_size, bottleneck=None, tol=1e-5, max_iter=500, init="hosvd", method="pci",
+        sweeps=1, device=None) -> BTDResult:
     """Block term decomposition of a conv weight `(C_out, C_in, kh, kw)` by principal component iteration.
 
-    S/G blocks of multilinear rank (G, T·G/S) along (C_in, C_out), spatial dims full. Each pass
-    refits every block in turn to the residual of the others (Gauss-Seidel; `sweeps` warm-started
-    HOOI sweeps per block); stops when the relative error changes by at most `tol` over a pass or
-    after `max_iter` passes. `init`: "hosvd" (truncated HOSVD split across the blocks) or an
+    S/G blocks of multilinear rank (G, T·G/S) along (C_in, C_out), spatial dims full.
+    `method="pci"`: each pass refits every block in turn to the residual of the others
+    (Gauss-Seidel; `sweeps` warm-started HOOI sweeps per block). `method="als"`: each pass solves
+    exactly for all blocks' A, then C, then the cores, with extrapolation; it touches the dense
+    weight three times per pass whatever the block count, so it is far cheaper per pass when
+    there are many small blocks, but it can stall in swamps where PCI recovers an exact BTD. Both
+    stop when the relative error changes by at most `tol` over a pass or after `max_iter` passes. `init`: "hosvd" (truncated HOSVD split across the blocks) or an
     earlier result / `(A, B, C)` at this or a finer group size that divides `group_size` (its
     blocks are merged exactly, so the start is at least as good as that result). Computes in
     float64 on `device` (default: the weight's); returns factors in the weight's dtype and device.
@@ -119,6 +125,8 @@ def btd(weight, group_size, bottleneck=None, tol=1e-5, max_iter=500, init="hosvd
     check_series([G], S, T, name="group_size")
     _int("max_iter", max_iter)
     _int("sweeps", sweeps)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
         raise ValueError(f"tol must be a non-negative number, got {tol!r}")
     dev = torch.device(device) if device is not None else weight.device
@@ -135,7 +143,10 @@ def btd(weight, group_size, bottleneck=None, tol=1e-5, max_iter=500, init="hosvd
         if G % g0:
             raise ValueError(f"init group size {g0} must divide group_size {G} (a finer or equal BTD)")
         blocks = _btd.merge(blocks, G // g0)
-    blocks, err, iters = _btd.pci(W3, blocks, tol, max_iter, sweeps)
+    if method == "als":
+        blocks, err, iters = _btd.als(W3, blocks, tol, max_iter)
+    else:
+        blocks, err, iters = _btd.pci(W3, blocks, tol, max_iter, sweeps)
     return _to_result(blocks, err, iters, weight, (kh, kw))
 
 
