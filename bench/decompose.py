@@ -4,10 +4,11 @@ Rows: the 4-layer net's conv3 (64×32×3×3, S=32) at every group size, and VGG-
 128×128, 256×256, 512×512 (S = C_in) at group sizes 1, 4, 16, 32, on random weights and on
 weights with a decaying spectrum. Both sides use the same stopping rule (relative error changes
 by at most --tol over one pass). The oracle is cut after --oracle-max-seconds per row; a cut row
-reports the error it had reached and a time extrapolated from its measured per-iteration time ×
-the iterations our PCI needed (marked "extrap."). Prints a Markdown table.
+reports the error it had reached (an upper bound on its final error) and a time extrapolated from
+its measured per-iteration time × the passes our PCI needed (marked "extrap."). One row per
+method of ours (--methods), against the same oracle run. Prints a Markdown table.
 
-    python bench/decompose.py [--quick] [--oracle-max-seconds 60] [--threads 2]
+    python bench/decompose.py [--quick] [--oracle-max-seconds 60] [--threads 2] [--methods pci,als]
 """
 import os
 
@@ -45,22 +46,24 @@ def rows(quick):
     return conv3 + vgg
 
 
-def run_row(c_out, c_in, G, kind, args):
+def run_rows(c_out, c_in, G, kind, args):
+    """Our btd with each method, then the oracle, on one weight; one result dict per method."""
     W = make_weight(c_out, c_in, kind, seed=c_out * 1000 + c_in)
     S = T = c_in
-    start = time.perf_counter()
-    ours = btd(W, G, (S, T), tol=args.tol, max_iter=args.max_iter)
-    ours_s = time.perf_counter() - start
+    ours = {}
+    for method in args.methods.split(","):
+        start = time.perf_counter()
+        res = btd(W, G, (S, T), tol=args.tol, max_iter=args.max_iter, method=method)
+        ours[method] = (res, time.perf_counter() - start)
     oracle = pci(W.numpy(), G, (S, T), tol=args.tol, max_iter=args.max_iter,
                  max_seconds=args.oracle_max_seconds)
+    oracle_s = oracle["seconds"]
     if oracle["cut"]:
-        per_iter = oracle["seconds"] / oracle["iterations"]
-        oracle_s = per_iter * max(ours.iterations, oracle["iterations"])
-    else:
-        oracle_s = oracle["seconds"]
-    return dict(shape=f"{c_out}×{c_in}", G=G, kind=kind, ours_err=ours.rel_error, ours_it=ours.iterations,
-                ours_s=ours_s, or_err=oracle["rel_error"], or_it=oracle["iterations"], or_s=oracle_s,
-                cut=oracle["cut"])
+        needed = max(res.iterations for res, _ in ours.values())
+        oracle_s *= max(needed, oracle["iterations"]) / oracle["iterations"]
+    return [dict(shape=f"{c_out}×{c_in}", G=G, kind=kind, method=m, ours_err=res.rel_error,
+                 ours_it=res.iterations, ours_s=sec, or_err=oracle["rel_error"], or_it=oracle["iterations"],
+                 or_s=oracle_s, cut=oracle["cut"]) for m, (res, sec) in ours.items()]
 
 
 def main():
@@ -71,26 +74,31 @@ def main():
     parser.add_argument("--max-iter", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2, help="torch threads for our btd")
     parser.add_argument("--kinds", default="random,decay")
+    parser.add_argument("--methods", default="pci", help="comma-separated btd methods to time (pci, als)")
     parser.add_argument("--only", default=None, help="comma-separated shapes to run, e.g. 64x32,128x128")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch threads {args.threads}, oracle OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}, "
           f"tol {args.tol}, max_iter {args.max_iter}, oracle cut at {args.oracle_max_seconds}s", flush=True)
-    print("| layer | G | weights | ours err | ours it | ours s | oracle err | oracle it | oracle s | speed-up | err ≤ oracle |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
-    speedups = []
+    print("| layer | G | weights | method | ours err | ours it | ours s | oracle err | oracle it | oracle s "
+          "| speed-up | err ≤ oracle |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    speedups = {}
     for c_out, c_in, G in rows(args.quick):
         if args.only and f"{c_out}x{c_in}" not in args.only.split(","):
             continue
         for kind in args.kinds.split(","):
-            r = run_row(c_out, c_in, G, kind, args)
-            speedups.append(r["or_s"] / r["ours_s"])
-            mark = " (cut, extrap.)" if r["cut"] else ""
-            print(f"| {r['shape']} | {G} | {kind} | {r['ours_err']:.6f} | {r['ours_it']} | {r['ours_s']:.2f} | "
-                  f"{r['or_err']:.6f}{' (at cut)' if r['cut'] else ''} | {r['or_it']} | {r['or_s']:.2f}{mark} | "
-                  f"{speedups[-1]:.1f}× | {'yes' if r['ours_err'] <= r['or_err'] else 'NO'} |", flush=True)
-    geo = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
-    print(f"\ngeometric mean speed-up over {len(speedups)} rows: {geo:.1f}×")
+            for r in run_rows(c_out, c_in, G, kind, args):
+                speedup = r["or_s"] / r["ours_s"]
+                speedups.setdefault(r["method"], []).append(speedup)
+                mark = " (extrap.)" if r["cut"] else ""
+                print(f"| {r['shape']} | {G} | {kind} | {r['method']} | {r['ours_err']:.6f} | {r['ours_it']} | "
+                      f"{r['ours_s']:.2f} | {r['or_err']:.6f}{' (at cut)' if r['cut'] else ''} | {r['or_it']} | "
+                      f"{r['or_s']:.2f}{mark} | {speedup:.1f}× | {'yes' if r['ours_err'] <= r['or_err'] else 'NO'} |",
+                      flush=True)
+    for method, values in speedups.items():
+        geo = math.exp(sum(math.log(v) for v in values) / len(values))
+        print(f"\ngeometric mean speed-up of {method} over {len(values)} rows: {geo:.1f}×")
 
 
 if __name__ == "__main__":

@@ -113,10 +113,11 @@ def btd(weight, group_size, bottleneck=None, tol=1e-5, max_iter=500, init="hosvd
     exactly for all blocks' A, then C, then the cores, with extrapolation; it touches the dense
     weight three times per pass whatever the block count, so it is far cheaper per pass when
     there are many small blocks, but it can stall in swamps where PCI recovers an exact BTD. Both
-    stop when the relative error changes by at most `tol` over a pass or after `max_iter` passes. `init`: "hosvd" (truncated HOSVD split across the blocks) or an
-    earlier result / `(A, B, C)` at this or a finer group size that divides `group_size` (its
-    blocks are merged exactly, so the start is at least as good as that result). Computes in
-    float64 on `device` (default: the weight's); returns factors in the weight's dtype and device.
+    stop when the relative error changes by at most `tol` over a pass or after `max_iter` passes.
+    `init`: "hosvd" (truncated HOSVD split across the blocks) or an earlier result / `(A, B, C)`
+    at this or a finer group size that divides `group_size` (its blocks are merged exactly, so the
+    start is at least as good as that result). Computes in float64 on `device` (default: the
+    weight's); returns factors in the weight's dtype and device.
     """
     _check_weight(weight)
     c_out, c_in, kh, kw = weight.shape
@@ -219,13 +220,15 @@ def _check_conv(conv):
         raise ValueError(f"conv must use padding_mode='zeros', got {conv.padding_mode!r}")
 
 
-def series(conv, group_sizes, bottleneck=None, tol=1e-5, max_iter=500, device=None, return_results=False):
+def series(conv, group_sizes, bottleneck=None, tol=1e-5, max_iter=500, method="pci", device=None,
+           return_results=False):
     """A `SeriesConv2d` whose configuration at each group size g computes the BTD of `conv` at g.
 
     Sizes are decomposed in ascending order, each warm-started from the previous (finer) one and
     its bases aligned to it; term j stores A^(j) − A^(j−1), C^(j) − C^(j−1) and
     B^(j) − expand(B^(j−1)), so the partial sums of the terms are exactly the BTD at g_j.
-    Stride, padding, dilation and bias carry over. With `return_results`, returns
+    Stride, padding, dilation and bias carry over; `tol`, `max_iter`, `method` and `device` go to
+    `btd`. With `return_results`, returns
     `(layer, [BTDResult per size])`.
     """
     _check_conv(conv)
@@ -240,7 +243,7 @@ def series(conv, group_sizes, bottleneck=None, tol=1e-5, max_iter=500, device=No
     with torch.no_grad():
         for j, g in enumerate(sizes):
             res = btd(W, g, (S, T), tol=tol, max_iter=max_iter, init="hosvd" if prev is None else prev,
-                      device=device)
+                      method=method, device=device)
             if prev is None:
                 layer.firsts[j].copy_(res.A)
                 layer.cores[j].copy_(res.B)
@@ -270,13 +273,15 @@ def _spec_entry(name, entry):
     return list(entry["group_sizes"]), bottleneck
 
 
-def convert(model, spec, inplace=True, init="decompose", progress=True, device=None, tol=1e-5, max_iter=500):
+def convert(model, spec, inplace=True, init="decompose", progress=True, device=None, tol=1e-5, max_iter=500,
+            method="pci"):
     """Replace the Conv2d layers named in `spec` by their group-size series; returns the model.
 
     `spec` maps names from `model.named_modules()` to `{"group_sizes": [...], "bottleneck": S |
     [S, T] | None}`. `init="decompose"` fits each layer's series by BTD (on `device` if given);
     `init="random"` builds SeriesConv2d layers with their default random initialisation, without
-    decomposing. `inplace=False` converts a deep copy. Errors name the offending layer.
+    decomposing. `inplace=False` converts a deep copy. `tol`, `max_iter`, `method` go to `btd`.
+    Errors name the offending layer.
     """
     from tqdm import tqdm
 
@@ -298,7 +303,8 @@ def convert(model, spec, inplace=True, init="decompose", progress=True, device=N
         group_sizes, bottleneck = _spec_entry(name, spec[name])
         try:
             if init == "decompose":
-                layer = series(conv, group_sizes, bottleneck, tol=tol, max_iter=max_iter, device=device)
+                layer = series(conv, group_sizes, bottleneck, tol=tol, max_iter=max_iter, method=method,
+                               device=device)
             else:
                 _check_conv(conv)
                 S, T = _bottleneck_pair(bottleneck, conv.in_channels, conv.out_channels)
