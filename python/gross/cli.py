@@ -14,7 +14,7 @@ _TOP = {"model", "num_classes", "weights", "seed", "device", "out", "data", "dec
         "search", "finetune", "reproduce"}
 _SECTIONS = {
     "data": {"name", "root", "input_size", "eval_batch_size", "workers"},
-    "decompose": {"spec", "init"},
+    "decompose": {"spec", "init", "tol", "max_iter"},
     "search": {"strategy", "beam", "configs_per_pass"},
     "reproduce": {"budgets", "runs"},
 }
@@ -182,9 +182,9 @@ def cmd_finetune(args):
     from gross.reproduce import config_string
 
     exp = _experiment(args, chain=False)
-    label, config = _group_config(exp, exp.skeleton(), args.group_config)
+    config = _group_config(exp, exp.skeleton(), args.group_config)[1]
     for run in range(args.runs):
-        r = exp.finetune(label, "finetune", config, run)
+        r = exp.finetune(config, run)
         print(f"{config_string(config)} run {run + 1}: {r['macs']:,} MACs, val {100 * r['val_acc']:.2f} %, "
               f"test {100 * r['test_acc']:.2f} %")
 

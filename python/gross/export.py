@@ -44,9 +44,13 @@ def load(path, map_location="cpu"):
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
-def export_program(module, example_input):
-    """`torch.export.export` of `module` in eval mode on one example input."""
-    return torch.export.export(module.eval(), (example_input,))
+def export_program(module, example_input, dynamic_batch=True):
+    """`torch.export.export` of `module` in eval mode; with `dynamic_batch` any batch size runs it."""
+    if dynamic_batch and example_input.shape[0] < 2:
+        # A batch of one would be specialised to exactly one: trace with two instead.
+        example_input = example_input.expand(2, *example_input.shape[1:]).contiguous()
+    shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    return torch.export.export(module.eval(), (example_input,), dynamic_shapes=shapes)
 
 
 def export_onnx(module, example_input, path):

@@ -214,14 +214,17 @@ class Experiment:
         """A copy of the trained network with the layers of `spec` (default: the experiment's) as series."""
         from gross.decompose import convert
 
+        d = self.cfg["decompose"]
         return convert(self.base(), spec or self.spec, inplace=False, progress=self.progress,
-                       init=init or self.cfg["decompose"].get("init", "decompose")).to(self.device)
+                       init=init or d.get("init", "decompose"), tol=d.get("tol", 1e-5),
+                       max_iter=d.get("max_iter", 500)).to(self.device)
 
     def decomposed(self):
         """The series model straight after decomposition (`series_init.pt`)."""
         path = self.path("series_init.pt")
         if os.path.exists(path):
             return load_model(path)[0].to(self.device)
+        self.base()
         self.log(f"[decompose] {len(self.spec)} layers, init={self.cfg['decompose'].get('init', 'decompose')}")
         model = self.decompose()
         save_model(path, model, self._meta(self.spec))
@@ -255,9 +258,12 @@ class Experiment:
             return search.bfs(model, val_loader, self.input_size, budget_macs, beam=s.get("beam", 8), **common)
         raise ValueError(f"search.strategy must be 'exhaustive' or 'bfs', got {s['strategy']!r}")
 
-    def finetune(self, label, method, config, run):
-        """Decompose the trained network at `config` alone, fine-tune it, and score it (one run, cached)."""
-        tag = f"{label}-{method}-run{run}"
+    def finetune(self, config, run):
+        """Decompose the trained network at `config` alone, fine-tune it, score it and export it (cached per run).
+
+        Run r uses seed + r; run 0's model is exported as plain PyTorch to exported/<config>.pt.
+        """
+        tag = f"{config_string(config)}-run{run}"
         path = self.path("finetune", f"{tag}.json")
         if os.path.exists(path):
             with open(path) as f:
@@ -266,16 +272,15 @@ class Experiment:
                   for name, g in config.items()}
         model = self.decompose(single)
         recipe = self.recipes["finetune"]
-        self.log(f"[finetune] budget {label} {method} {config_string(config)} run {run + 1}: "
-                 f"{recipe.epochs} epochs")
+        self.log(f"[finetune] {config_string(config)} run {run + 1}: {recipe.epochs} epochs")
         train_loader, val_loader, _ = self.loaders(recipe)
         train.finetune(model, config, train_loader, val_loader, recipe, out_dir=self.path("finetune", tag),
                        device=self.device, resume=True, seed=self.seed + run, progress=self.progress)
-        result = {"budget": label, "method": method, "run": run, "config": config,
-                  "macs": search.MacsTable(model, self.input_size)(config), **self.accuracies(model)}
+        result = {"config": config, "run": run, "macs": search.MacsTable(model, self.input_size)(config),
+                  **self.accuracies(model)}
         if run == 0:
-            plain = export.to_plain(model, config).cpu().eval()
-            export.save(plain, self.path("exported", f"{label}-{method}.pt"))
+            result["exported"] = os.path.join("exported", f"{config_string(config)}.pt")
+            export.save(export.to_plain(model, config).cpu().eval(), self.path(result["exported"]))
         write_json(path, result)
         return result
 
@@ -296,19 +301,20 @@ class Experiment:
         val_of = {search._key(e.config): e.accuracy for e in evaluated}
         # A budget's own configuration may not have been visited (bfs): score it for the table.
         missing = [c for _, c in budgets if search._key(c) not in val_of]
-        for c, acc in zip(missing, search.evaluate(model, missing, self.eval_loaders()[0], self.device)):
-            val_of[search._key(c)] = acc
+        if missing:
+            for c, acc in zip(missing, search.evaluate(model, missing, self.eval_loaders()[0], self.device)):
+                val_of[search._key(c)] = acc
         rows = []
         for label, uniform in budgets:
             best = searched[label][0].config
             for method, config in (("uniform", uniform), ("searched", best)):
-                results = [self.finetune(label, method, config, r) for r in range(runs)]
+                results = [self.finetune(config, r) for r in range(runs)]
                 accs = [r["test_acc"] for r in results]
                 rows.append({"budget": label, "method": method, "config": config, "macs": macs(config),
                              "search_val_acc": val_of[search._key(config)],
                              "test_acc_mean": statistics.fmean(accs),
                              "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                             "test_accs": accs})
+                             "test_accs": accs, "exported": results[0]["exported"]})
         return self.report(rows, evaluated)
 
     def report(self, rows, evaluated):
@@ -322,11 +328,11 @@ class Experiment:
         with open(self.path("results.csv.tmp"), "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["budget", "method", "configuration", "macs", "search_val_acc", "test_acc_mean",
-                             "test_acc_std", "runs"])
+                             "test_acc_std", "runs", "exported"])
             for r in rows:
                 writer.writerow([r["budget"], r["method"], config_string(r["config"]), r["macs"],
                                  f"{r['search_val_acc']:.6f}", f"{r['test_acc_mean']:.6f}",
-                                 f"{r['test_acc_std']:.6f}", len(r["test_accs"])])
+                                 f"{r['test_acc_std']:.6f}", len(r["test_accs"]), r["exported"]])
         os.replace(self.path("results.csv.tmp"), self.path("results.csv"))
         pareto_plot(self.path("pareto.png"), evaluated, rows, title=f"GroSS search: {self.name}")
         return table
@@ -343,5 +349,6 @@ def markdown_table(rows, layers, epochs):
                      f"{100 * r['search_val_acc']:.2f} % | {acc} |")
     lines.append("")
     lines.append(f"Configuration: group size per layer, in order {', '.join(layers)}. Fine-tuned {epochs} epochs "
-                 f"from the decomposition of the trained network at that configuration alone.")
+                 f"from the decomposition of the trained network at that configuration alone; "
+                 f"run 1 of each is exported as plain PyTorch to exported/<configuration>.pt.")
     return "\n".join(lines)

@@ -1,0 +1,135 @@
+"""The `gross` CLI: --help everywhere, one-line errors (exit 2) for user mistakes, every subcommand on a tiny run."""
+import json
+import os
+
+import pytest
+import torch
+
+from gross import cli
+
+COMMANDS = ["train", "decompose", "train-space", "search", "finetune", "evaluate", "export", "reproduce", "demo"]
+
+# The demo experiment shrunk to seconds: one epoch per stage and a 2·2 search space.
+TINY = ["--quiet", "--set", "train.epochs=1", "--set", "train.milestones=[]", "--set", "train.batch_size=256",
+        "--set", "search_space.epochs=1", "--set", "search_space.milestones=[]",
+        "--set", "finetune.epochs=1", "--set", "finetune.milestones=[]", "--set", "finetune.batch_size=256",
+        "--set", "reproduce.runs=1", "--set", "reproduce.budgets=[16]",
+        "--set", "decompose.spec={conv2: {group_sizes: [16, 32], bottleneck: 32}, "
+                 "conv3: {group_sizes: [16, 32], bottleneck: 32}}"]
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "--config" in out and "--set" in out and "--out" in out and "--device" in out
+
+
+def test_top_level_help_lists_commands_and_configs(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for word in COMMANDS + ["four_layer_cifar10", "vgg16_high_compression"]:
+        assert word in out
+
+
+def test_shipped_configs_load_and_hold_the_recipes():
+    names = cli.shipped_configs()
+    assert set(names) >= {"four_layer_cifar10", "vgg16_cifar10", "vgg16_imagenet", "resnet18_imagenet",
+                          "vgg16_high_compression", "demo"}
+    for name in names:
+        cfg = cli.load_config(name)
+        from gross.reproduce import Experiment
+        Experiment(dict(cfg, device="cpu"))  # recipes, spec and model name all valid
+    cfg = cli.load_config("four_layer_cifar10")
+    assert (cfg["train"]["lr"], cfg["train"]["epochs"], cfg["train"]["milestones"]) == (0.1, 100, [50, 75])
+    assert (cfg["search_space"]["lr"], cfg["search_space"]["milestones"]) == (1e-4, [80, 120])
+    assert (cfg["finetune"]["lr"], cfg["finetune"]["milestones"]) == (1e-3, [80])
+
+
+def test_overrides_parse_yaml_values():
+    cfg = cli.load_config("demo", ["finetune.lr=0.5", "reproduce.budgets=[2, 8]", "data.root=null"],
+                          device="cpu", out="x")
+    assert cfg["finetune"]["lr"] == 0.5 and cfg["reproduce"]["budgets"] == [2, 8]
+    assert cfg["data"]["root"] is None and cfg["out"] == "x" and cfg["device"] == "cpu"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--config", "no/such.yaml"], "neither a file nor a shipped config"),
+    (["train", "--config", "demo", "--set", "train.epochs"], "expected key.sub=value"),
+    (["train", "--config", "demo", "--set", "train.epoch=3"], "unknown keys ['train.epoch']"),
+    (["train", "--config", "demo", "--set", "nosuch.x=1"], "nosuch is not a section"),
+    (["train", "--config", "demo", "--set", "train.epochs=abc"], "epochs must be a positive int"),
+    (["train", "--config", "demo", "--set", "model=alexnet"], "model must be one of"),
+    (["train", "--config", "demo", "--device", "tpu"], "device must be"),
+    (["decompose", "--config", "demo"], "run `gross train` first"),
+    (["evaluate", "--config", "demo"], "does not exist"),
+    (["finetune", "--config", "demo", "--group-config", "{conv9: 4}"], "unknown layers ['conv9']"),
+    (["finetune", "--config", "demo", "--group-config", "3"], "group_size 3 is not available"),
+])
+def test_user_mistakes_are_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    code, out, err = run(capsys, *argv, "--out", str(tmp_path), "--quiet")
+    assert code == 2
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_bad_yaml_file_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: four_layer\n  data: [\n")
+    code, _, err = run(capsys, "train", "--config", str(path))
+    assert code == 2 and "not valid YAML" in err and err.count("\n") == 1
+    path.write_text("model: four_layer\n")
+    code, _, err = run(capsys, "train", "--config", str(path))
+    assert code == 2 and "missing keys" in err
+
+
+def test_every_subcommand_on_a_tiny_run(tmp_path, capsys):
+    out_dir = str(tmp_path / "run")
+    common = ["--config", "demo", "--out", out_dir, *TINY]
+
+    code, out, _ = run(capsys, "train", *common)
+    assert code == 0 and os.path.isfile(os.path.join(out_dir, "base.pt"))
+
+    code, out, _ = run(capsys, "decompose", *common)
+    assert code == 0 and "largest configuration" in out and os.path.isfile(os.path.join(out_dir, "series_init.pt"))
+
+    code, out, _ = run(capsys, "train-space", *common)
+    assert code == 0 and os.path.isfile(os.path.join(out_dir, "series.pt"))
+
+    code, out, err = run(capsys, "search", *common, "--budget", "1")
+    assert code == 2 and "below the smallest configuration" in err
+    code, out, _ = run(capsys, "search", *common, "--budget-config", "32")
+    assert code == 0 and "4 configurations within budget" in out and "| 1 | " in out
+    summary = json.load(open(os.path.join(out_dir, "search_result.json")))
+    assert len(summary["ranked"]) == 4 and summary["pareto"]
+
+    code, out, _ = run(capsys, "finetune", *common, "--group-config", "{conv2: 16, conv3: 32}")
+    assert code == 0 and "16-32 run 1" in out and "test" in out
+
+    code, out, _ = run(capsys, "evaluate", *common, "--group-config", "16")
+    assert code == 0
+    scores = json.loads(out.strip().splitlines()[-1])
+    assert 0 <= scores["test_acc"] <= 1 and scores["macs"] > 0
+
+    code, out, _ = run(capsys, "export", *common, "--group-config", "16", "--format", "pt,program")
+    assert code == 0
+    from gross import export
+    plain = export.load(os.path.join(out_dir, "exported", "16.pt"))
+    assert os.path.isfile(os.path.join(out_dir, "exported", "16.pt2"))
+    program = torch.export.load(os.path.join(out_dir, "exported", "16.pt2"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), plain(x))
+
+    code, out, _ = run(capsys, "reproduce", *common)
+    assert code == 0 and "| 16 | uniform | 16-16 |" in out and "| 16 | searched |" in out
+    for name in ("table.md", "results.csv", "results.json", "pareto.png", "search.jsonl"):
+        assert os.path.getsize(os.path.join(out_dir, name)) > 0
