@@ -43,14 +43,17 @@ def lib(tmp_path_factory):
 
 
 def ptr(t):
+    """A tensor's data pointer for ctypes."""
     return ctypes.c_void_p(t.data_ptr())
 
 
 def ptrs(ts):
+    """A C array of the tensors' data pointers."""
     return (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])
 
 
 def ints(vals):
+    """A C int array."""
     return (ctypes.c_int * len(vals))(*vals)
 
 
@@ -60,6 +63,7 @@ def nan(*shape):
 
 
 def make_case(case, G):
+    """Random x and cores for a case tuple; the active term indices; the C geometry array at G."""
     N, S, H, W, T, (kh, kw), stride, padding, dilation, gs = case
     x = torch.randn(N, S, H, W)
     cores = [torch.randn(T, g, kh, kw) for g in gs]
@@ -79,6 +83,7 @@ def random_cases(count, seed=11):
 
 
 def case_ids():
+    """(case, G) pairs: every G of the fixed cases, one random G of each shared random case."""
     return [(c, G) for c in CASES for G in c[-1]] + [(c, random.Random(i).choice(c[-1]))
                                                      for i, c in enumerate(random_cases(20))]
 
@@ -102,6 +107,7 @@ def test_emulated_forward_matches_oracle(lib, case, G):
 
 
 def oracle_grads(x, cores, case, G, gz):
+    """grad x and grads of the active cores of the naive series for output gradient gz."""
     *_, stride, padding, dilation, gs = case
     x = x.clone().requires_grad_()
     cores = [c.clone().requires_grad_() for c in cores]

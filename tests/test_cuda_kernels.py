@@ -48,6 +48,7 @@ def poison(*shapes, dtype):
 
 
 def rel_err(got, want):
+    """max |got - want| / max |want|, after checking every element was written (finite)."""
     assert got.shape == want.shape, (got.shape, want.shape)
     got, want = got.double(), want.double()
     assert torch.isfinite(got).all(), "output has NaN/Inf (unwritten or overflowed elements)"
@@ -69,6 +70,7 @@ def oracle(x, cores, gs, G, geom, gz=None):
 
 
 def check_series(ops, x, cores, gs, G, geom, dtype):
+    """The three torch.ops.gross series kernels on CUDA against the float64 oracle, outputs poisoned."""
     stride, padding, dilation = (list(v) for v in geom)
     gz, want_z, want_gx, want_gw = oracle(x, cores, gs, G, geom)
     z_shape = want_z.shape

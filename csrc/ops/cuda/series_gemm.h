@@ -30,6 +30,8 @@ struct Tile {
   static constexpr int LDA = BM + PAD, LDB = BN + PAD;
   static constexpr int SMEM_A = BK * LDA, SMEM_B = BK * LDB;
   static_assert(BM % TM == 0 && BN % TN == 0, "tile must divide into thread tiles");
+  static_assert(THREADS % BM == 0 && THREADS % BN == 0 && THREADS % BK == 0,
+                "each thread loads a fixed row or column of the shared tiles");
 };
 
 // The tiles the kernels launch: N tiles 16/32/64 wide for the forward and input-gradient passes
@@ -176,25 +178,36 @@ GK_HD acc_t term_weight_grad(const acc_t* ws, int splits, const ConvGeom& s, int
 }
 
 // Phase 1 of a K-step: thread `tid` fills its share of the A tile (sA[k][m]) and B tile
-// (sB[k][n]) for K indices [k0, k0 + BK) clipped to kend; out-of-range entries are zero.
+// (sB[k][n]) for K indices [k0, k0 + BK) clipped to kend; out-of-range entries are zero. Along
+// each tile's fast index (chosen by the problem for coalescing) a thread keeps one fixed position
+// and strides over the other index, so the arithmetic of that position (e.g. a pixel's image and
+// coordinates) is the same in every K-step and the compiler hoists it out of the K loop.
 template <class Cfg, class P, typename smem_t>
 GK_HD void load_tiles(const P& p, smem_t* sA, smem_t* sB, int tid, int g, int64_t m0, int n0, int64_t k0,
                       int64_t kend) {
   const smem_t zero = SmemCast<smem_t>::from(0.0f);
   const int64_t M = p.M();
   const int Ncol = p.Ncol();
-  for (int e = tid; e < Cfg::BM * Cfg::BK; e += Cfg::THREADS) {
-    const int mm = P::kAMFast ? e % Cfg::BM : e / Cfg::BK;
-    const int kk = P::kAMFast ? e / Cfg::BM : e % Cfg::BK;
-    const int64_t m = m0 + mm, k = k0 + kk;
-    sA[kk * Cfg::LDA + mm] = (m < M && k < kend) ? SmemCast<smem_t>::from(p.a(g, m, k)) : zero;
-  }
-  for (int e = tid; e < Cfg::BN * Cfg::BK; e += Cfg::THREADS) {
-    const int nn = P::kBNFast ? e % Cfg::BN : e / Cfg::BK;
-    const int kk = P::kBNFast ? e / Cfg::BN : e % Cfg::BK;
-    const int n = n0 + nn;
+  if (P::kAMFast) {
+    const int mm = tid % Cfg::BM;
+    const int64_t m = m0 + mm;
+    for (int kk = tid / Cfg::BM; kk < Cfg::BK; kk += Cfg::THREADS / Cfg::BM)
+      sA[kk * Cfg::LDA + mm] = (m < M && k0 + kk < kend) ? SmemCast<smem_t>::from(p.a(g, m, k0 + kk)) : zero;
+  } else {
+    const int kk = tid % Cfg::BK;
     const int64_t k = k0 + kk;
-    sB[kk * Cfg::LDB + nn] = (n < Ncol && k < kend) ? SmemCast<smem_t>::from(p.b(g, k, n)) : zero;
+    for (int mm = tid / Cfg::BK; mm < Cfg::BM; mm += Cfg::THREADS / Cfg::BK)
+      sA[kk * Cfg::LDA + mm] = (m0 + mm < M && k < kend) ? SmemCast<smem_t>::from(p.a(g, m0 + mm, k)) : zero;
+  }
+  if (P::kBNFast) {
+    const int nn = tid % Cfg::BN, n = n0 + nn;
+    for (int kk = tid / Cfg::BN; kk < Cfg::BK; kk += Cfg::THREADS / Cfg::BN)
+      sB[kk * Cfg::LDB + nn] = (n < Ncol && k0 + kk < kend) ? SmemCast<smem_t>::from(p.b(g, k0 + kk, n)) : zero;
+  } else {
+    const int kk = tid % Cfg::BK;
+    const int64_t k = k0 + kk;
+    for (int nn = tid / Cfg::BK; nn < Cfg::BN; nn += Cfg::THREADS / Cfg::BK)
+      sB[kk * Cfg::LDB + nn] = (n0 + nn < Ncol && k < kend) ? SmemCast<smem_t>::from(p.b(g, k, n0 + nn)) : zero;
   }
 }
 
