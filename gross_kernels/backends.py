@@ -59,8 +59,8 @@ def _with_fused_cuda_bottleneck(backend):
 
     def forward(x, A, cores, C, bias, group_sizes, group_size, stride, padding, dilation):
         S, T = A.shape[0], cores[0].shape[0]
-        if torch.ops.gross.series_bottleneck_fits(S, T, list(cores[0].shape[2:]), list(stride),
-                                                  list(dilation)):
+        if x.dtype != torch.float64 and torch.ops.gross.series_bottleneck_fits(
+                S, T, list(cores[0].shape[2:]), list(stride), list(dilation)):
             return torch.ops.gross.series_bottleneck_forward(
                 x, A, cores, C, bias, group_sizes, group_size, stride, padding, dilation)
         return composite_forward(x, A, cores, C, bias, group_sizes, group_size, stride, padding,
@@ -108,8 +108,8 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype):
             return f"the cuda backend runs CUDA tensors only, got device {device}"
         if not _extension.has_cuda_kernels():
             return "gross_kernels._C was built without CUDA kernels (GROSS_CUDA=0 or no toolkit)"
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            return f"the cuda backend supports float32, float16 and bfloat16, got {dtype}"
+        if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            return f"the cuda backend supports float32, float64, float16 and bfloat16, got {dtype}"
         return None
     if name == "triton":
         ok, reason = _triton_ready(device)
