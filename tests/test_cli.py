@@ -13,7 +13,7 @@ COMMANDS = ["train", "decompose", "train-space", "search", "finetune", "evaluate
 TINY = ["--quiet", "--set", "train.epochs=1", "--set", "train.milestones=[]", "--set", "train.batch_size=256",
         "--set", "search_space.epochs=1", "--set", "search_space.milestones=[]",
         "--set", "finetune.epochs=1", "--set", "finetune.milestones=[]", "--set", "finetune.batch_size=256",
-        "--set", "reproduce.runs=1", "--set", "reproduce.budgets=[16]",
+        "--set", "reproduce.runs=1", "--set", "reproduce.budgets=[16]", "--set", "decompose.max_iter=3",
         "--set", "decompose.spec={conv2: {group_sizes: [16, 32], bottleneck: 32}, "
                  "conv3: {group_sizes: [16, 32], bottleneck: 32}}"]
 

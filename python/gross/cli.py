@@ -14,7 +14,7 @@ _TOP = {"model", "num_classes", "weights", "seed", "device", "out", "data", "dec
         "search", "finetune", "reproduce"}
 _SECTIONS = {
     "data": {"name", "root", "input_size", "eval_batch_size", "workers"},
-    "decompose": {"spec", "init", "tol", "max_iter"},
+    "decompose": {"spec", "init", "tol", "max_iter", "method"},
     "search": {"strategy", "beam", "configs_per_pass"},
     "reproduce": {"budgets", "runs"},
 }

@@ -3,6 +3,7 @@ import csv
 import json
 import os
 import statistics
+import time
 
 import torch
 
@@ -132,12 +133,17 @@ class Experiment:
         self.seed = int(cfg.get("seed", 0))
         self.device = resolve_device(cfg.get("device", "auto"))
         self.progress = progress
-        self.log = log
+        self._log = log
+        self._start = time.time()
         self.recipes = {s: self._recipe(s) for s in SECTIONS}
         self.spec = resolve_spec(self.name, cfg["decompose"]["spec"])
         self.input_size = tuple(cfg["data"]["input_size"])
         self._datasets = None
         self._base = None
+
+    def log(self, message):
+        """Report progress, prefixed with the seconds since the experiment started."""
+        self._log(f"{time.time() - self._start:6.0f} s  {message}")
 
     def _recipe(self, section):
         try:
@@ -217,7 +223,7 @@ class Experiment:
         d = self.cfg["decompose"]
         return convert(self.base(), spec or self.spec, inplace=False, progress=self.progress,
                        init=init or d.get("init", "decompose"), tol=d.get("tol", 1e-5),
-                       max_iter=d.get("max_iter", 500)).to(self.device)
+                       max_iter=d.get("max_iter", 500), method=d.get("method", "pci")).to(self.device)
 
     def decomposed(self):
         """The series model straight after decomposition (`series_init.pt`)."""
@@ -291,6 +297,8 @@ class Experiment:
         rep = self.cfg["reproduce"]
         budgets = [resolve_config(self.name, model, b) for b in rep["budgets"]]
         runs = int(rep.get("runs", 1))
+        self.log(f"[search] {self.cfg['search'].get('strategy', 'exhaustive')} over {search.space_size(model):,} "
+                 f"configurations, budgets {[label for label, _ in budgets]}")
         if self.cfg["search"].get("strategy", "exhaustive") == "exhaustive":
             evaluated = self.search(model).evaluated  # one pass over the whole space serves every budget
             searched = {label: search.rank([e for e in evaluated if e.macs <= macs(c)]) for label, c in budgets}
@@ -304,6 +312,7 @@ class Experiment:
         if missing:
             for c, acc in zip(missing, search.evaluate(model, missing, self.eval_loaders()[0], self.device)):
                 val_of[search._key(c)] = acc
+        self.log(f"[search] {len(evaluated):,} configurations evaluated")
         rows = []
         for label, uniform in budgets:
             best = searched[label][0].config
