@@ -72,10 +72,12 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def check_index_range(*tensors):
-    """Element offsets are computed in int32 within a sample; refuse tensors where that could overflow."""
+    """Kernels compute element offsets in int32 (64-bit offsets cost registers and spills), so
+    refuse tensors whose offsets could overflow."""
     for t in tensors:
-        if t is not None and t[:1].numel() >= 2**31:
-            raise ValueError(f"tensor of shape {tuple(t.shape)}: one sample must have < 2**31 elements")
+        if t is not None and t.numel() >= 2**31:
+            raise ValueError(f"tensor of shape {tuple(t.shape)}: the Triton kernels take tensors of "
+                             f"fewer than 2**31 elements")
 
 
 @triton.jit

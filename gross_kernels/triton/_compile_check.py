@@ -67,7 +67,7 @@ def variants(dtypes):
                dict(KH=3, KW=3, PREC=prec, **wgrad.kwargs), dtype, wgrad)
         yield ("gather", series._gather_kernel, dict(KK=9, BLOCK=256), dtype, None)
         yield ("fused_forward", bottleneck._fused_forward_kernel,
-               dict(KH=3, KW=3, HAS_BIAS=True, PREC=prec, SP=32, TP=16, **fused.kwargs),
+               dict(KH=3, KW=3, HAS_BIAS=True, PREC=prec, TP=32, **fused.kwargs),
                dtype, fused)
 
 

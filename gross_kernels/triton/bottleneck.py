@@ -1,10 +1,12 @@
 """Decomposed layer (1×1 A → series core → 1×1 C + bias) in Triton: one fused launch where it fits, else separate kernels.
 
-Fit rule (`fits_on_chip`): the fused forward keeps, per program of BM output pixels, the tile
-u = A·x (BM × S), the core accumulator z (BM × T) and one S × T core tap on chip, with S and T
-padded to powers of two ≥ 16. It runs when both padded widths are ≤ 128 and the kernel has at
-most 49 taps; otherwise the layer runs as three series-kernel launches (the 1×1 convolutions are
-series kernels with one dense term, i.e. matrix multiplies) with u and z in memory.
+Fit rule (`fits_on_chip`): a program of BM output pixels keeps the core accumulator z (BM × T)
+on chip, and, per tap and slice of BS bottleneck channels, a BM × BS slice of u = A·x and the
+BS × T slice of the core. The fused forward runs when S and T padded to powers of two ≥ 16 are
+both ≤ 128 (z's registers bound T; S is bounded by cost, since the core is applied densely and
+u recomputed per tap) and the kernel has at most 49 taps; otherwise the layer runs as three
+series-kernel launches (the 1×1 convolutions are series kernels with one dense term, i.e. matrix
+multiplies) with u and z in memory.
 
 Inside the fused kernel the core is applied as one block-diagonal S × T matrix per tap, built on
 the fly from the active terms (zeros off the blocks), so small group sizes spend extra tensor-core
@@ -42,14 +44,16 @@ def fits_on_chip(C_in, S, T, C_out, kernel_size):
 
 
 def _fused_configs():
-    choices = [(128, 16, 32, 4, 2), (32, 32, 32, 4, 2), (64, 32, 64, 4, 2), (64, 64, 64, 8, 2),
-               (128, 32, 32, 8, 2)]
-    return [triton.Config({"BM": m, "BCI": ci, "BCO": co}, num_warps=w, num_stages=s)
-            for m, ci, co, w, s in choices]
+    # (BM, BS, BCI, BCO, warps, stages); the first is the interpreter's single config. z (BM × T)
+    # dominates the registers: 4 warps spill at BM = 64 on sm_90 (cuobjdump -res-usage).
+    choices = [(64, 16, 32, 32, 8, 2), (32, 16, 32, 32, 4, 2), (32, 32, 32, 32, 4, 2),
+               (64, 32, 32, 32, 8, 2), (128, 16, 16, 32, 8, 2)]
+    return [triton.Config({"BM": m, "BS": bs, "BCI": ci, "BCO": co}, num_warps=w, num_stages=s)
+            for m, bs, ci, co, w, s in choices]
 
 
 @autotune(_fused_configs(), key=["N", "H", "W", "CI", "S", "T", "CO", "G", "NT", "KH", "KW", "sh"],
-          widths=lambda a: {"BCI": a["CI"], "BCO": a["CO"]})
+          widths=lambda a: {"BS": a["S"], "BCI": a["CI"], "BCO": a["CO"]})
 @triton.jit(do_not_specialize=series._TERM_ARGS)
 def _fused_forward_kernel(x_ptr, a_ptr, c_ptr, b_ptr, y_ptr,
                           w0, w1, w2, w3, w4, w5, w6, w7, g0, g1, g2, g3, g4, g5, g6, g7,
@@ -58,44 +62,51 @@ def _fused_forward_kernel(x_ptr, a_ptr, c_ptr, b_ptr, y_ptr,
                           sh, sw, ph, pw, dh, dw,
                           NT, KH: tl.constexpr, KW: tl.constexpr,
                           HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
-                          SP: tl.constexpr, TP: tl.constexpr,
-                          BM: tl.constexpr, BCI: tl.constexpr, BCO: tl.constexpr):
-    """y = C · core(A · x) + bias for BM output pixels, u and z never leaving the chip."""
+                          TP: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr,
+                          BCI: tl.constexpr, BCO: tl.constexpr):
+    """y = C · core(A · x) + bias for BM output pixels, u and z never leaving the chip.
+
+    u is produced BS bottleneck channels at a time and consumed at once by the matching BS rows
+    of the core tap, so only a BM × BS slice of u and a BS × TP slice of the core are live.
+    """
     m = tl.program_id(0) * BM + tl.arange(0, BM)
     m_ok = m < N * Ho * Wo
     n = m // (Ho * Wo)
     r = m % (Ho * Wo)
     ho = r // Wo
     wo = r % Wo
-    s_idx = tl.arange(0, SP)
-    s_ok = s_idx < S
     t_idx = tl.arange(0, TP)
     t_ok = t_idx < T
-    x_row = x_ptr + n.to(tl.int64) * sxn
+    x_row = n * sxn  # int32 offsets: launchers refuse tensors of 2**31 elements or more
     z = tl.zeros((BM, TP), tl.float32)
-    for kh in range(KH):
-        for kw in range(KW):
-            hi = ho * sh - ph + kh * dh
-            wi = wo * sw - pw + kw * dw
-            pix_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            pix = x_row + hi * sxh + wi * sxw
-            u = tl.zeros((BM, SP), tl.float32)
+    for tap in range(KH * KW):  # one loop: nested tap loops cost registers
+        kh = tap // KW
+        kw = tap % KW
+        hi = ho * sh - ph + kh * dh
+        wi = wo * sw - pw + kw * dw
+        pix_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        pix = x_row + hi * sxh + wi * sxw
+        for s0 in range(0, S, BS):
+            s_idx = s0 + tl.arange(0, BS)
+            s_ok = s_idx < S
+            u = tl.zeros((BM, BS), tl.float32)
             for c0 in range(0, CI, BCI):
                 ci = c0 + tl.arange(0, BCI)
                 ci_ok = ci < CI
-                xt = tl.load(pix[:, None] + ci[None, :] * sxc,
+                xt = tl.load(x_ptr + pix[:, None] + ci[None, :] * sxc,
                              mask=pix_ok[:, None] & ci_ok[None, :], other=0.0)
                 at = tl.load(a_ptr + s_idx[None, :] * CI + ci[:, None],
                              mask=ci_ok[:, None] & s_ok[None, :], other=0.0)
                 u = tl.dot(xt, at, u, input_precision=PREC)
             # Round u to the input dtype, as a three-kernel pipeline storing u would.
             u_t = u.to(x_ptr.dtype.element_ty)
-            wt = series_weight(w0, w1, w2, w3, w4, w5, w6, w7, g0, g1, g2, g3, g4, g5, g6, g7,
-                               t_idx[None, :], s_idx[:, None], kh * KW + kw, T, S,
+            wt = series_weight(w0, w1, w2, w3, w4, w5, w6, w7,
+                               g0, g1, g2, g3, g4, g5, g6, g7,
+                               t_idx[None, :], s_idx[:, None], tap, T, S,
                                s_ok[:, None] & t_ok[None, :], NT, KH * KW)
             z = tl.dot(u_t, wt.to(u_t.dtype), z, input_precision=PREC)
     z_t = z.to(x_ptr.dtype.element_ty)
-    y_row = n.to(tl.int64) * syn + ho * syh + wo * syw
+    y_row = n * syn + ho * syh + wo * syw
     for o0 in range(0, CO, BCO):
         co = o0 + tl.arange(0, BCO)
         co_ok = co < CO
@@ -149,7 +160,7 @@ def _fused_forward(x, A, cores, C, bias, group_sizes, group_size, stride, paddin
                                 N, H, W, Ho, Wo, CI, S, T, CO, group_size,
                                 *x.stride(), *y.stride(), *stride, *padding, *dilation,
                                 NT=nt, KH=KH, KW=KW, HAS_BIAS=has_bias,
-                                PREC=dot_precision(x.dtype), SP=_padded(S), TP=_padded(T))
+                                PREC=dot_precision(x.dtype), TP=_padded(T))
     return y
 
 

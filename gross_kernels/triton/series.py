@@ -31,9 +31,12 @@ _TERM_ARGS = ["NT"] + [f"g{i}" for i in range(8)]
 
 def _gemm_configs():
     # The first entry is the interpreter's single config: few, large programs run fastest there.
+    # Gathered (masked) tiles and the generated weight tile live in registers: the sm_90 build
+    # spills (cuobjdump -res-usage, 2026-11-25) beyond ~45 elements of BM·BK + BK·BN + BM·BN per
+    # thread or with a third pipeline stage, so tiles stay within that budget.
     choices = [
-        (128, 16, 32, 4, 2), (64, 32, 32, 4, 3), (128, 64, 32, 4, 3), (64, 64, 64, 4, 3),
-        (128, 128, 32, 8, 3), (256, 64, 32, 8, 3), (64, 16, 16, 2, 3),
+        (128, 16, 32, 8, 2), (64, 32, 32, 4, 2), (128, 32, 32, 8, 2), (128, 64, 16, 8, 2),
+        (64, 64, 16, 4, 2), (256, 32, 16, 8, 2), (64, 16, 16, 2, 2),
     ]
     return [triton.Config({"BM": m, "BN": n, "BK": k}, num_warps=w, num_stages=s)
             for m, n, k, w, s in choices]
@@ -77,7 +80,7 @@ def _forward_kernel(x_ptr, z_ptr, b_ptr,
     o_loc = pid_n * BN + tl.arange(0, BN)
     o_ok = o_loc < TG
     o = grp * TG + o_loc
-    x_row = x_ptr + n.to(tl.int64) * sxn
+    x_row = n * sxn  # int32 offsets: launchers refuse tensors of 2**31 elements or more
     acc = tl.zeros((BM, BN), tl.float32)
     if FLAT:  # small G: reduce over (channel, tap) together, im2col-style, in ≥ 16-wide tiles
         for k0 in range(0, G * KH * KW, BK):
@@ -88,33 +91,34 @@ def _forward_kernel(x_ptr, z_ptr, b_ptr,
             hi = (ho * sh - ph)[:, None] + (tap // KW * dh)[None, :]
             wi = (wo * sw - pw)[:, None] + (tap % KW * dw)[None, :]
             ok = m_ok[:, None] & k_ok[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            xt = tl.load(x_row[:, None] + c[None, :] * sxc + hi * sxh + wi * sxw, mask=ok,
+            xt = tl.load(x_ptr + x_row[:, None] + c[None, :] * sxc + hi * sxh + wi * sxw, mask=ok,
                          other=0.0)
             wt = series_weight(w0, w1, w2, w3, w4, w5, w6, w7, g0, g1, g2, g3, g4, g5, g6, g7,
                                o[None, :], c[:, None], tap[:, None], T, S,
                                k_ok[:, None] & o_ok[None, :], NT, KH * KW)
             acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=PREC)
     else:
-        for kh in range(KH):
-            for kw in range(KW):
-                hi = ho * sh - ph + kh * dh
-                wi = wo * sw - pw + kw * dw
-                pix_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-                pix = x_row + hi * sxh + wi * sxw
-                for c0 in range(0, G, BK):
-                    c_loc = c0 + tl.arange(0, BK)
-                    c_ok = c_loc < G
-                    c = grp * G + c_loc
-                    xt = tl.load(pix[:, None] + c[None, :] * sxc,
-                                 mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-                    wt = series_weight(w0, w1, w2, w3, w4, w5, w6, w7,
-                                       g0, g1, g2, g3, g4, g5, g6, g7,
-                                       o[None, :], c[:, None], kh * KW + kw, T, S,
-                                       c_ok[:, None] & o_ok[None, :], NT, KH * KW)
-                    acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=PREC)
+        for tap in range(KH * KW):  # one loop: nested tap loops cost registers
+            kh = tap // KW
+            kw = tap % KW
+            hi = ho * sh - ph + kh * dh
+            wi = wo * sw - pw + kw * dw
+            pix_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            pix = x_row + hi * sxh + wi * sxw
+            for c0 in range(0, G, BK):
+                c_loc = c0 + tl.arange(0, BK)
+                c_ok = c_loc < G
+                c = grp * G + c_loc
+                xt = tl.load(x_ptr + pix[:, None] + c[None, :] * sxc,
+                             mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+                wt = series_weight(w0, w1, w2, w3, w4, w5, w6, w7,
+                                   g0, g1, g2, g3, g4, g5, g6, g7,
+                                   o[None, :], c[:, None], tap, T, S,
+                                   c_ok[:, None] & o_ok[None, :], NT, KH * KW)
+                acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
-    z_off = n.to(tl.int64) * szn + ho * szh + wo * szw
+    z_off = n * szn + ho * szh + wo * szw
     tl.store(z_ptr + z_off[:, None] + o[None, :] * szc, acc.to(z_ptr.dtype.element_ty),
              mask=m_ok[:, None] & o_ok[None, :])
 
@@ -143,7 +147,7 @@ def _backward_input_kernel(gz_ptr, gx_ptr,
     c_loc = pid_n * BN + tl.arange(0, BN)
     c_ok = c_loc < G
     c = grp * G + c_loc
-    gz_row = gz_ptr + n.to(tl.int64) * szn
+    gz_row = n * szn  # int32 offsets: launchers refuse tensors of 2**31 elements or more
     acc = tl.zeros((BM, BN), tl.float32)
     if FLAT:  # small TG: reduce over (output channel, tap) together in ≥ 16-wide tiles
         for k0 in range(0, TG * KH * KW, BK):
@@ -157,43 +161,45 @@ def _backward_input_kernel(gz_ptr, gx_ptr,
             wo = wn // sw
             ok = (m_ok[:, None] & k_ok[None, :] & (hn >= 0) & (wn >= 0) & (hn - ho * sh == 0)
                   & (wn - wo * sw == 0) & (ho < Ho) & (wo < Wo))
-            gt = tl.load(gz_row[:, None] + o[None, :] * szc + ho * szh + wo * szw, mask=ok,
+            gt = tl.load(gz_ptr + gz_row[:, None] + o[None, :] * szc + ho * szh + wo * szw, mask=ok,
                          other=0.0)
             wt = series_weight(w0, w1, w2, w3, w4, w5, w6, w7, g0, g1, g2, g3, g4, g5, g6, g7,
                                o[:, None], c[None, :], tap[:, None], T, S,
                                k_ok[:, None] & c_ok[None, :], NT, KH * KW)
             acc = tl.dot(gt, wt.to(gt.dtype), acc, input_precision=PREC)
     else:
-        for kh in range(KH):
-            for kw in range(KW):
-                hn = h + ph - kh * dh
-                wn = w + pw - kw * dw
-                # hn, wn ≥ 0 is checked before their quotient is trusted (division truncates).
-                ho = hn // sh
-                wo = wn // sw
-                pix_ok = (m_ok & (hn >= 0) & (wn >= 0) & (hn - ho * sh == 0) & (wn - wo * sw == 0)
-                          & (ho < Ho) & (wo < Wo))
-                pix = gz_row + ho * szh + wo * szw
-                for o0 in range(0, TG, BK):
-                    o_loc = o0 + tl.arange(0, BK)
-                    o_ok = o_loc < TG
-                    o = grp * TG + o_loc
-                    gt = tl.load(pix[:, None] + o[None, :] * szc,
-                                 mask=pix_ok[:, None] & o_ok[None, :], other=0.0)
-                    wt = series_weight(w0, w1, w2, w3, w4, w5, w6, w7,
-                                       g0, g1, g2, g3, g4, g5, g6, g7,
-                                       o[:, None], c[None, :], kh * KW + kw, T, S,
-                                       o_ok[:, None] & c_ok[None, :], NT, KH * KW)
-                    acc = tl.dot(gt, wt.to(gt.dtype), acc, input_precision=PREC)
-    x_off = n.to(tl.int64) * sxn + h * sxh + w * sxw
+        for tap in range(KH * KW):  # one loop: nested tap loops cost registers
+            kh = tap // KW
+            kw = tap % KW
+            hn = h + ph - kh * dh
+            wn = w + pw - kw * dw
+            # hn, wn ≥ 0 is checked before their quotient is trusted (division truncates).
+            ho = hn // sh
+            wo = wn // sw
+            pix_ok = (m_ok & (hn >= 0) & (wn >= 0) & (hn - ho * sh == 0) & (wn - wo * sw == 0)
+                      & (ho < Ho) & (wo < Wo))
+            pix = gz_row + ho * szh + wo * szw
+            for o0 in range(0, TG, BK):
+                o_loc = o0 + tl.arange(0, BK)
+                o_ok = o_loc < TG
+                o = grp * TG + o_loc
+                gt = tl.load(gz_ptr + pix[:, None] + o[None, :] * szc,
+                             mask=pix_ok[:, None] & o_ok[None, :], other=0.0)
+                wt = series_weight(w0, w1, w2, w3, w4, w5, w6, w7,
+                                   g0, g1, g2, g3, g4, g5, g6, g7,
+                                   o[:, None], c[None, :], tap, T, S,
+                                   o_ok[:, None] & c_ok[None, :], NT, KH * KW)
+                acc = tl.dot(gt, wt.to(gt.dtype), acc, input_precision=PREC)
+    x_off = n * sxn + h * sxh + w * sxw
     tl.store(gx_ptr + x_off[:, None] + c[None, :] * sxc, acc.to(gx_ptr.dtype.element_ty),
              mask=m_ok[:, None] & c_ok[None, :])
 
 
 def _wgrad_configs():
+    # Sized to the sm_90 register budget, as `_gemm_configs` (no spills at two stages).
     choices = [
-        (16, 32, 128, 4, 2), (32, 32, 64, 4, 3), (64, 64, 64, 4, 3), (64, 32, 128, 4, 3),
-        (128, 64, 64, 8, 3),
+        (16, 32, 128, 8, 2), (32, 32, 64, 4, 2), (64, 32, 64, 8, 2), (64, 64, 64, 8, 2),
+        (128, 64, 64, 8, 2),
     ]
     return [triton.Config({"BO": o, "BC": c, "BP": p}, num_warps=w, num_stages=s)
             for o, c, p, w, s in choices]
@@ -241,13 +247,13 @@ def _backward_weight_kernel(gz_ptr, x_ptr, part_ptr,
         r = p % (Ho * Wo)
         ho = r // Wo
         wo = r % Wo
-        gz_off = n.to(tl.int64) * szn + ho * szh + wo * szw
+        gz_off = n * szn + ho * szh + wo * szw
         gt = tl.load(gz_ptr + gz_off[None, :] + o[:, None] * szc,
                      mask=o_ok[:, None] & p_ok[None, :], other=0.0)
         hi = (ho * sh - ph)[:, None] + (kh * dh)[None, :]
         wi = (wo * sw - pw)[:, None] + (kw * dw)[None, :]
         ok = (p_ok[:, None] & j_ok[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))
-        x_off = (n.to(tl.int64) * sxn)[:, None] + c[None, :] * sxc + hi * sxh + wi * sxw
+        x_off = (n * sxn)[:, None] + c[None, :] * sxc + hi * sxh + wi * sxw
         xt = tl.load(x_ptr + x_off, mask=ok, other=0.0)
         acc = tl.dot(gt, xt, acc, input_precision=PREC)
     off = split * (T * G * KK) + o[:, None] * (G * KK) + j[None, :]
