@@ -105,6 +105,7 @@ def main():
     parser.add_argument("--kinds", default="random,decay")
     parser.add_argument("--methods", default="pci", help="comma-separated btd methods to time (pci, als)")
     parser.add_argument("--only", default=None, help="comma-separated shapes to run, e.g. 64x32,128x128")
+    parser.add_argument("--group-sizes", default=None, help="comma-separated group sizes to run (default all)")
     parser.add_argument("--vgg-series", action="store_true",
                         help="instead of the table, time series() over all 12 VGG-16 layers (first of --methods)")
     args = parser.parse_args()
@@ -119,6 +120,8 @@ def main():
     speedups = {}
     for c_out, c_in, G in rows(args.quick):
         if args.only and f"{c_out}x{c_in}" not in args.only.split(","):
+            continue
+        if args.group_sizes and str(G) not in args.group_sizes.split(","):
             continue
         for kind in args.kinds.split(","):
             for r in run_rows(c_out, c_in, G, kind, args):
