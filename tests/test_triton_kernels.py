@@ -252,3 +252,11 @@ def test_kernels_compile_for_sm90_without_a_gpu():
                           env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count(": ok,") == 14
+
+
+def test_tensors_beyond_int32_offsets_are_refused():
+    # A stride-0 view has 2**31 elements without the memory; the check runs before any launch.
+    x = torch.randn(1, 1, 1, 1).expand(1, 2 ** 16, 2 ** 8, 2 ** 7)
+    cores = [torch.randn(1, 2 ** 16, 1, 1)]
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        gt.series_forward(x, cores, (2 ** 16,), 2 ** 16, (1, 1), (0, 0), (1, 1))
