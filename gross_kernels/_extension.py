@@ -1,5 +1,5 @@
 """Loads the compiled extension gross_kernels._C (which registers the gross:: C++ ops), if it was built."""
-import importlib
+from importlib import import_module
 
 import torch
 
@@ -10,7 +10,7 @@ def load():
     """Import gross_kernels._C once; return whether it loaded (the import error is kept for `error()`)."""
     if _state["loaded"] is None:
         try:
-            importlib.import_module("gross_kernels._C")
+            import_module("gross_kernels._C")
             _state["loaded"] = True
         except (ImportError, OSError) as exc:  # not built, or built against another torch
             _state["loaded"] = False
