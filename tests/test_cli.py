@@ -10,7 +10,8 @@ from gross import cli
 COMMANDS = ["train", "decompose", "train-space", "search", "finetune", "evaluate", "export", "reproduce", "demo"]
 
 # The demo experiment shrunk to seconds: one epoch per stage and a 2·2 search space.
-TINY = ["--quiet", "--set", "train.epochs=1", "--set", "train.milestones=[]", "--set", "train.batch_size=256",
+TINY = ["--quiet", "--set", "data.limit=100",
+        "--set", "train.epochs=1", "--set", "train.milestones=[]", "--set", "train.batch_size=256",
         "--set", "search_space.epochs=1", "--set", "search_space.milestones=[]",
         "--set", "finetune.epochs=1", "--set", "finetune.milestones=[]", "--set", "finetune.batch_size=256",
         "--set", "reproduce.runs=1", "--set", "reproduce.budgets=[16]", "--set", "decompose.max_iter=3",

@@ -8,7 +8,8 @@ import torch
 
 from gross import cli, data, export
 
-TINY = ["--quiet", "--set", "train.epochs=1", "--set", "train.milestones=[]", "--set", "train.batch_size=256",
+TINY = ["--quiet", "--set", "data.limit=100",
+        "--set", "train.epochs=1", "--set", "train.milestones=[]", "--set", "train.batch_size=256",
         "--set", "search_space.epochs=1", "--set", "search_space.milestones=[]",
         "--set", "finetune.epochs=1", "--set", "finetune.milestones=[]", "--set", "finetune.batch_size=256",
         "--set", "reproduce.runs=2", "--set", "reproduce.budgets=[8]", "--set", "decompose.max_iter=3",
@@ -37,8 +38,8 @@ def test_demo_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     plain = export.load(os.path.join(out_dir, searched["exported"]))
     assert not any(type(m).__module__.startswith("gross_kernels") for m in plain.modules())
     _, _, test = data.load_embedded()
-    x = torch.stack([test[i][0] for i in range(len(test))])
-    y = torch.stack([test[i][1] for i in range(len(test))])
+    x = torch.stack([test[i][0] for i in range(100)])  # data.limit=100
+    y = torch.stack([test[i][1] for i in range(100)])
     with torch.no_grad():
         acc = (plain(x).argmax(1) == y).float().mean().item()
     assert abs(acc - searched["test_accs"][0]) < 0.01  # at most a rounding-level argmax flip

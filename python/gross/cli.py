@@ -13,7 +13,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 _TOP = {"model", "num_classes", "weights", "seed", "device", "out", "data", "decompose", "train", "search_space",
         "search", "finetune", "reproduce"}
 _SECTIONS = {
-    "data": {"name", "root", "input_size", "eval_batch_size", "workers"},
+    "data": {"name", "root", "input_size", "eval_batch_size", "workers", "limit"},
     "decompose": {"spec", "init", "tol", "max_iter", "method"},
     "search": {"strategy", "beam", "configs_per_pass"},
     "reproduce": {"budgets", "runs"},

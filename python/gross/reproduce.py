@@ -1,4 +1,5 @@
 """The paper's headline experiment as resumable stages: train, decompose, train the space, search, fine-tune, report."""
+import copy
 import csv
 import json
 import os
@@ -140,6 +141,7 @@ class Experiment:
         self.input_size = tuple(cfg["data"]["input_size"])
         self._datasets = None
         self._base = None
+        self._single = {}
 
     def log(self, message):
         """Report progress, prefixed with the seconds since the experiment started."""
@@ -164,6 +166,13 @@ class Experiment:
         if self._datasets is None:
             d = self.cfg["data"]
             self._datasets = data.load(d["name"], d.get("root"))
+            limit = d.get("limit")
+            if limit is not None:
+                # Smoke runs: the first `limit` samples of each split.
+                if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+                    raise ValueError(f"data.limit must be a positive int or null, got {limit!r}")
+                self._datasets = tuple(torch.utils.data.Subset(ds, range(min(limit, len(ds))))
+                                       for ds in self._datasets)
         return self._datasets
 
     def loaders(self, recipe):
@@ -274,9 +283,12 @@ class Experiment:
         if os.path.exists(path):
             with open(path) as f:
                 return json.load(f)
-        single = {name: {"group_sizes": [g], "bottleneck": self.spec[name].get("bottleneck")}
-                  for name, g in config.items()}
-        model = self.decompose(single)
+        key = config_string(config)
+        if key not in self._single:  # the decomposition is deterministic: one per configuration
+            single = {name: {"group_sizes": [g], "bottleneck": self.spec[name].get("bottleneck")}
+                      for name, g in config.items()}
+            self._single = {key: self.decompose(single)}  # keep one: runs of a configuration are adjacent
+        model = copy.deepcopy(self._single[key])
         recipe = self.recipes["finetune"]
         self.log(f"[finetune] {config_string(config)} run {run + 1}: {recipe.epochs} epochs")
         train_loader, val_loader, _ = self.loaders(recipe)
