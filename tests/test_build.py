@@ -150,3 +150,31 @@ def test_setup_sources_include_cuda_only_when_enabled(monkeypatch):
     assert any(s.startswith("csrc/ops/cpu/") for s in cpu)
     assert not any("/cuda/" in s for s in cpu)
     assert set(cpu) <= set(setup.sources(True))
+
+
+def test_setup_extension_cpu_only_when_forced_off(monkeypatch):
+    setup = _setup_module()
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("GROSS_CUDA", "0")
+    monkeypatch.setenv("CUDA_HOME", os.environ.get("CUDA_HOME", "/nonexistent"))  # restored afterwards
+    ext, _ = setup.extension()
+    assert ext.name == "gross_kernels._C"
+    assert not any(s.endswith(".cu") or "/cuda/" in s for s in ext.sources)
+    assert "-fopenmp" in ext.extra_compile_args["cxx"] and "nvcc" not in ext.extra_compile_args
+
+
+def test_setup_extension_compiles_cuda_with_default_arch_list(monkeypatch):
+    setup = _setup_module()
+    if setup.find_cuda_home(os.environ) is None or torch.version.cuda is None:
+        pytest.skip("no CUDA toolkit or CPU-only torch")
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("GROSS_CUDA", "1")
+    monkeypatch.setenv("CUDA_HOME", os.environ.get("CUDA_HOME", "/nonexistent"))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)  # restored afterwards
+    from torch.utils import cpp_extension
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)  # extension() repoints it
+    ext, _ = setup.extension()
+    assert set(setup.sources(True)) == set(ext.sources)
+    assert "nvcc" in ext.extra_compile_args
+    if not torch.cuda.is_available():
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == setup.DEFAULT_ARCH_LIST
