@@ -75,6 +75,7 @@ def test_overrides_parse_yaml_values():
     (["evaluate", "--config", "demo"], "does not exist"),
     (["finetune", "--config", "demo", "--group-config", "{conv9: 4}"], "unknown layers ['conv9']"),
     (["finetune", "--config", "demo", "--group-config", "3"], "group_size 3 is not available"),
+    (["finetune", "--config", "demo", "--group-config", "{conv2: [4"], "not valid YAML"),
 ])
 def test_user_mistakes_are_one_line_and_exit_2(argv, message, tmp_path, capsys):
     code, out, err = run(capsys, *argv, "--out", str(tmp_path), "--quiet")

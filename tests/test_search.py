@@ -64,7 +64,7 @@ def test_bfs_agrees_with_exhaustive(budget):
 def test_bfs_without_budget_reaches_the_smallest_configuration():
     result = search.bfs_space(SPACE, CountingScore(), toy_macs, None, beam=2, progress=False)
     assert {n: s[0] for n, s in SPACE.items()} in [e.config for e in result.evaluated]
-    assert len({search._key(e.config) for e in result.evaluated}) == len(result.evaluated)
+    assert len({search.config_key(e.config) for e in result.evaluated}) == len(result.evaluated)
 
 
 def test_pareto_front_is_the_non_dominated_set():
@@ -187,7 +187,7 @@ def test_model_search_exhaustive_and_bfs(tmp_path):
     direct = search.evaluate(model, [e.config for e in full.ranked], loader)
     assert [e.accuracy for e in full.ranked] == pytest.approx(direct)
     wide = search.bfs(model, loader, (3, 8, 8), budget, beam=100, results=path, progress=False)
-    assert {search._key(e.config) for e in wide.ranked} <= {search._key(e.config) for e in full.ranked}
+    assert {search.config_key(e.config) for e in wide.ranked} <= {search.config_key(e.config) for e in full.ranked}
     assert wide.best.accuracy <= full.best.accuracy
     with pytest.raises(ValueError, match="below the smallest"):
         search.exhaustive(model, loader, (3, 8, 8), table({"2": 1, "4": 2}) - 1, progress=False)

@@ -125,8 +125,18 @@ def _group_config(exp, model, text):
     if text is None:
         raise UsageError("--group-config is required: a group size N (every layer at N), 'original', "
                          "'largest', 'smallest', a YAML mapping layer: size, or a YAML file of one")
-    entry = yaml.safe_load(open(text)) if os.path.isfile(text) else yaml.safe_load(text)
-    return resolve_config(exp.name, model, entry)
+    return resolve_config(exp.name, model, _yaml_arg(text, "--group-config"))
+
+
+def _yaml_arg(text, option):
+    """A command-line value given as YAML inline or as the path of a YAML file."""
+    try:
+        if os.path.isfile(text):
+            with open(text) as f:
+                return yaml.safe_load(f)
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UsageError(f"{option} {text!r}: not valid YAML ({str(err).splitlines()[0]})") from err
 
 
 def cmd_train(args):
@@ -163,7 +173,7 @@ def cmd_search(args):
     if args.budget_config is not None:
         if budget is not None:
             raise UsageError("give either --budget or --budget-config, not both")
-        _, config = resolve_config(exp.name, model, yaml.safe_load(args.budget_config))
+        _, config = resolve_config(exp.name, model, _yaml_arg(args.budget_config, "--budget-config"))
         budget = search.MacsTable(model, exp.input_size)(config)
     result = exp.search(model, budget)
     print(f"{len(result.ranked)} configurations within budget {budget if budget is None else f'{budget:,}'} MACs; "

@@ -142,6 +142,24 @@ class Experiment:
         self._datasets = None
         self._base = None
         self._single = {}
+        self._snapshotted = False
+
+    def _snapshot(self):
+        """Record the settings in out/experiment.json; warn when a rerun reuses stages made with others."""
+        if self._snapshotted:
+            return
+        self._snapshotted = True
+        path = self.path("experiment.json")
+        if not os.path.exists(path):
+            write_json(path, self.cfg)
+            return
+        with open(path) as f:
+            first = json.load(f)
+        changed = sorted(k for k in set(_flatten(first)) | set(_flatten(self.cfg))
+                         if _flatten(first).get(k) != _flatten(self.cfg).get(k))
+        if changed:
+            self.log(f"warning: {self.out} was started with other settings ({', '.join(changed)}); "
+                     f"finished stages are reused as they are")
 
     def log(self, message):
         """Report progress, prefixed with the seconds since the experiment started."""
@@ -175,11 +193,11 @@ class Experiment:
                                        for ds in self._datasets)
         return self._datasets
 
-    def loaders(self, recipe):
-        """(train, val, test) loaders with the recipe's batch size."""
+    def loaders(self, recipe, seed=None):
+        """(train, val, test) loaders with the recipe's batch size; `seed` (default: the experiment's) orders train."""
         d = self.cfg["data"]
         return data.make_loaders(*self.datasets(), recipe.batch_size, eval_batch_size=d.get("eval_batch_size"),
-                                 workers=d.get("workers", 0), seed=self.seed)
+                                 workers=d.get("workers", 0), seed=self.seed if seed is None else seed)
 
     def eval_loaders(self):
         """(val, test) loaders."""
@@ -193,6 +211,7 @@ class Experiment:
     # --- stages
     def base(self):
         """The trained network: loaded from `base.pt`, from `weights`, or trained from scratch."""
+        self._snapshot()
         if self._base is not None:
             return self._base
         path = self.path("base.pt")
@@ -236,6 +255,7 @@ class Experiment:
 
     def decomposed(self):
         """The series model straight after decomposition (`series_init.pt`)."""
+        self._snapshot()
         path = self.path("series_init.pt")
         if os.path.exists(path):
             return load_model(path)[0].to(self.device)
@@ -247,6 +267,7 @@ class Experiment:
 
     def search_space(self):
         """The series model after search-space training (`series.pt`)."""
+        self._snapshot()
         path = self.path("series.pt")
         if os.path.exists(path):
             return load_model(path)[0].to(self.device)
@@ -263,6 +284,7 @@ class Experiment:
 
     def search(self, model, budget_macs=None):
         """Search `model`'s configurations under `budget_macs` with the configured strategy (results resumable)."""
+        self._snapshot()
         s = self.cfg["search"]
         val_loader = self.eval_loaders()[0]
         common = dict(device=self.device, results=self.path("search.jsonl"),
@@ -278,6 +300,7 @@ class Experiment:
 
         Run r uses seed + r; run 0's model is exported as plain PyTorch to exported/<config>.pt.
         """
+        self._snapshot()
         tag = f"{config_string(config)}-run{run}"
         path = self.path("finetune", f"{tag}.json")
         if os.path.exists(path):
@@ -291,7 +314,8 @@ class Experiment:
         model = copy.deepcopy(self._single[key])
         recipe = self.recipes["finetune"]
         self.log(f"[finetune] {config_string(config)} run {run + 1}: {recipe.epochs} epochs")
-        train_loader, val_loader, _ = self.loaders(recipe)
+        # Runs differ in their seed, hence in the order of the training data too.
+        train_loader, val_loader, _ = self.loaders(recipe, seed=self.seed + run)
         train.finetune(model, config, train_loader, val_loader, recipe, out_dir=self.path("finetune", tag),
                        device=self.device, resume=True, seed=self.seed + run, progress=self.progress)
         result = {"config": config, "run": run, "macs": search.MacsTable(model, self.input_size)(config),
@@ -304,6 +328,7 @@ class Experiment:
 
     def reproduce(self):
         """Every stage, then the report (table.md, results.csv, results.json, pareto.png); returns the table."""
+        self._snapshot()
         model = self.search_space()
         macs = search.MacsTable(model, self.input_size)
         rep = self.cfg["reproduce"]
@@ -317,13 +342,13 @@ class Experiment:
         else:
             found = {label: self.search(model, macs(c)) for label, c in budgets}
             searched = {label: r.ranked for label, r in found.items()}
-            evaluated = list({search._key(e.config): e for r in found.values() for e in r.evaluated}.values())
-        val_of = {search._key(e.config): e.accuracy for e in evaluated}
+            evaluated = list({search.config_key(e.config): e for r in found.values() for e in r.evaluated}.values())
+        val_of = {search.config_key(e.config): e.accuracy for e in evaluated}
         # A budget's own configuration may not have been visited (bfs): score it for the table.
-        missing = [c for _, c in budgets if search._key(c) not in val_of]
+        missing = [c for _, c in budgets if search.config_key(c) not in val_of]
         if missing:
             for c, acc in zip(missing, search.evaluate(model, missing, self.eval_loaders()[0], self.device)):
-                val_of[search._key(c)] = acc
+                val_of[search.config_key(c)] = acc
         self.log(f"[search] {len(evaluated):,} configurations evaluated")
         rows = []
         for label, uniform in budgets:
@@ -332,7 +357,7 @@ class Experiment:
                 results = [self.finetune(config, r) for r in range(runs)]
                 accs = [r["test_acc"] for r in results]
                 rows.append({"budget": label, "method": method, "config": config, "macs": macs(config),
-                             "search_val_acc": val_of[search._key(config)],
+                             "search_val_acc": val_of[search.config_key(config)],
                              "test_acc_mean": statistics.fmean(accs),
                              "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                              "test_accs": accs, "exported": results[0]["exported"]})
@@ -357,6 +382,17 @@ class Experiment:
         os.replace(self.path("results.csv.tmp"), self.path("results.csv"))
         pareto_plot(self.path("pareto.png"), evaluated, rows, title=f"GroSS search: {self.name}")
         return table
+
+
+def _flatten(cfg, prefix=""):
+    """{'a.b': value} for a nested dict."""
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict) and v and k != "spec":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def markdown_table(rows, layers, epochs):

@@ -40,20 +40,20 @@ class SearchResult:
         return self.ranked[0]
 
 
-def _key(config):
+def config_key(config):
     """Canonical, hashable form of a configuration."""
     return tuple(sorted((str(k), int(v)) for k, v in config.items()))
 
 
 def rank(entries):
     """Entries sorted by accuracy (high first), ties broken by fewer MACs then by configuration."""
-    return sorted(entries, key=lambda e: (-e.accuracy, e.macs, _key(e.config)))
+    return sorted(entries, key=lambda e: (-e.accuracy, e.macs, config_key(e.config)))
 
 
 def pareto_front(entries):
     """Configurations not beaten by another with both fewer-or-equal MACs and higher accuracy, by MACs."""
     front = []
-    for e in sorted(entries, key=lambda e: (e.macs, -e.accuracy, _key(e.config))):
+    for e in sorted(entries, key=lambda e: (e.macs, -e.accuracy, config_key(e.config))):
         if not front or e.accuracy > front[-1].accuracy:
             front.append(e)
     return front
@@ -237,7 +237,7 @@ class ResultsFile:
                              f"delete it or pass another path")
         for r in records[1:]:
             e = Entry(r["config"], int(r["macs"]), float(r["accuracy"]))
-            self.done[_key(e.config)] = e
+            self.done[config_key(e.config)] = e
         if lines and lines[-1].strip():
             # Drop a torn tail so the next append starts on a fresh line.
             with open(self.path, "w") as f:
@@ -253,7 +253,7 @@ class ResultsFile:
     def add(self, entries):
         """Record newly evaluated entries."""
         for e in entries:
-            self.done[_key(e.config)] = e
+            self.done[config_key(e.config)] = e
         if self.path:
             self._append([e.to_json() for e in entries])
 
@@ -270,7 +270,7 @@ class _Evaluator:
     def __call__(self, configs):
         out, todo = {}, []
         for c in configs:
-            k = _key(c)
+            k = config_key(c)
             if k in self.results.done:
                 out[k] = self.results.done[k]
                 self.bar.update(1)
@@ -283,9 +283,9 @@ class _Evaluator:
             entries = [Entry(dict(c), self.macs(c), float(a)) for c, a in zip(part, accs)]
             self.results.add(entries)
             for e in entries:
-                out[_key(e.config)] = e
+                out[config_key(e.config)] = e
             self.bar.update(len(part))
-        return [out[_key(c)] for c in configs]
+        return [out[config_key(c)] for c in configs]
 
 
 def _check_budget(space, macs, budget_macs):
@@ -355,7 +355,7 @@ def bfs_space(space, score, macs, budget_macs=None, beam=8, results=None, chunk=
     with tqdm(total=None, desc="bfs search", disable=not progress) as bar:
         evaluate_ = _Evaluator(score, macs, store, chunk, bar)
         top = {name: sizes[-1] for name, sizes in space.items()}
-        seen = {_key(top)}
+        seen = {config_key(top)}
         evaluated = evaluate_([top])
         frontier = [] if fits(top) else evaluated
         for _ in range(levels):
@@ -367,8 +367,8 @@ def bfs_space(space, score, macs, budget_macs=None, beam=8, results=None, chunk=
                     i = index[name][g]
                     if i > 0:
                         child = dict(e.config, **{name: space[name][i - 1]})
-                        if _key(child) not in seen:
-                            seen.add(_key(child))
+                        if config_key(child) not in seen:
+                            seen.add(config_key(child))
                             children.append(child)
             level = evaluate_(children)
             evaluated.extend(level)
