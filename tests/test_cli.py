@@ -135,3 +135,12 @@ def test_every_subcommand_on_a_tiny_run(tmp_path, capsys):
     assert code == 0 and "| 16 | uniform | 16-16 |" in out and "| 16 | searched |" in out
     for name in ("table.md", "results.csv", "results.json", "pareto.png", "search.jsonl"):
         assert os.path.getsize(os.path.join(out_dir, name)) > 0
+
+
+def test_reproduce_with_bfs_search(tmp_path, capsys):
+    out_dir = str(tmp_path / "bfs")
+    code, out, _ = run(capsys, "reproduce", "--config", "demo", "--out", out_dir, *TINY,
+                       "--set", "search.strategy=bfs", "--set", "search.beam=1", "--set", "reproduce.budgets=[16, 32]")
+    assert code == 0 and "| 16 | uniform | 16-16 |" in out and "| 32 | searched |" in out
+    results = json.load(open(os.path.join(out_dir, "results.json")))
+    assert all(r["macs"] <= results["rows"][2 * (i // 2)]["macs"] for i, r in enumerate(results["rows"]))
