@@ -206,7 +206,8 @@ class Experiment:
     def accuracies(self, model):
         """{"val_acc", "test_acc"} of `model` at its active configuration."""
         val, test = self.eval_loaders()
-        return {"val_acc": train.accuracy(model, val, self.device), "test_acc": train.accuracy(model, test, self.device)}
+        return {"val_acc": train.accuracy(model, val, self.device),
+                "test_acc": train.accuracy(model, test, self.device)}
 
     # --- stages
     def base(self):

@@ -1,4 +1,5 @@
 """Search the configurations of a trained series model: accuracy per configuration, MACs budget, Pareto front."""
+import contextlib
 import itertools
 import json
 import math
@@ -147,23 +148,19 @@ def evaluate(model, configs, loader, device="cpu", progress=False, share_prefixe
     model.to(device)
     correct = [0] * len(configs)
     total = 0
-    cache = _PrefixCache(model) if share_prefixes else None
     try:
-        if cache is not None:
-            cache.__enter__()
-        for images, labels in tqdm(loader, desc=f"eval x{len(configs)}", leave=False, disable=not progress):
-            images, labels = images.to(device), labels.to(device)
-            if cache is not None:
-                cache.new_batch()
-            for j in order:
-                set_config(model, configs[j])
+        with _PrefixCache(model) if share_prefixes else contextlib.nullcontext() as cache:
+            for images, labels in tqdm(loader, desc=f"eval x{len(configs)}", leave=False, disable=not progress):
+                images, labels = images.to(device), labels.to(device)
                 if cache is not None:
-                    cache.new_pass()
-                correct[j] += (model(images).argmax(1) == labels).sum().item()
-            total += labels.numel()
+                    cache.new_batch()
+                for j in order:
+                    set_config(model, configs[j])
+                    if cache is not None:
+                        cache.new_pass()
+                    correct[j] += (model(images).argmax(1) == labels).sum().item()
+                total += labels.numel()
     finally:
-        if cache is not None:
-            cache.__exit__()
         set_config(model, previous)
         model.train(was_training)
     if total == 0:
