@@ -125,24 +125,52 @@ def chunk_size(tb):
     return max(1, 64 // tb)
 
 
-def pci(W3, blocks, tol, max_iter, sweeps=1, chunk=None):
-    """Principal component iteration from `blocks` (modified in place); returns (blocks, rel_error, iterations).
+def _polar(M):
+    """The orthogonal polar factor of each matrix in a batch (nearest orthogonal matrix)."""
+    P, _, Rh = torch.linalg.svd(M)
+    return P @ Rh
+
+
+def _extrapolate(prev, blocks, step):
+    """Blocks moved `step` times further along the last pass's change, back in Tucker-2 form.
+
+    eigh returns each block's bases up to a rotation, so the new bases are first rotated
+    (orthogonal Procrustes) onto the previous pass's before the factors are extrapolated.
+    """
+    Qu = _polar(blocks.U.mT @ prev.U)
+    Qv = _polar(blocks.V.mT @ prev.V)
+    U, V = blocks.U @ Qu, blocks.V @ Qv
+    K = torch.einsum("bts,btpg,bgh->bsph", Qu, blocks.K, Qv)
+    Ut, Ru = torch.linalg.qr(U + step * (U - prev.U))
+    Vt, Rv = torch.linalg.qr(V + step * (V - prev.V))
+    Kt = K + step * (K - prev.K)
+    return Blocks(Ut, torch.einsum("bst,btpg,bhg->bsph", Ru, Kt, Rv), Vt)
+
+
+def pci(W3, blocks, tol, max_iter, sweeps=1, chunk=None, extrapolate=True):
+    """Principal component iteration from `blocks`; returns (blocks, rel_error, iterations).
 
     Gauss-Seidel over blocks: each block in turn is refitted to the residual of all the others
     (exactly; the dense residual is brought up to date once per `chunk` blocks, the blocks in
-    between see it corrected by their predecessors' low-rank changes).
+    between see it corrected by their predecessors' low-rank changes). PCI creeps through long
+    flat stretches, where the stopping rule would end it early; with `extrapolate`, after each
+    pass the change over that pass is extrapolated (factor (it+1)^(1/3), as in ALS line search)
+    and kept when it lowers the error.
     Stops when the relative error changes by at most `tol` over one pass, or after `max_iter` passes.
     """
     c_out, p, c_in = W3.shape
     nb, _, tb = blocks.U.shape
     chunk = chunk or chunk_size(tb)
+    W2 = W3.reshape(c_out, p * c_in)
     norm_w = torch.linalg.vector_norm(W3)
-    E2 = (W3 - reconstruct(blocks)).reshape(c_out, p * c_in)
+    E2 = W2 - reconstruct(blocks).reshape(c_out, p * c_in)
     Z = block_products(blocks)
     DU = E2.new_empty(c_out, 2 * chunk * tb)
     DZ = E2.new_empty(2 * chunk * tb, p * c_in)
-    last, it = math.inf, 0
+    last, it, prev = math.inf, 0, None
     for it in range(1, max_iter + 1):
+        if extrapolate:
+            prev = Blocks(*(t.clone() for t in blocks))
         for b0 in range(0, nb, chunk):
             b1 = min(nb, b0 + chunk)
             P = (blocks.U[b0:b1].permute(0, 2, 1).reshape(-1, c_out) @ E2).reshape(b1 - b0, tb, -1)
@@ -153,6 +181,13 @@ def pci(W3, blocks, tol, max_iter, sweeps=1, chunk=None):
             n = 2 * (b1 - b0) * tb
             E2.addmm_(DU[:, :n], DZ[:n])
         err = (torch.linalg.vector_norm(E2) / norm_w).item()
+        if extrapolate and it > 1:
+            trial = _extrapolate(prev, blocks, (it + 1) ** (1 / 3))
+            E_trial = W2 - reconstruct(trial).reshape(c_out, p * c_in)
+            trial_err = (torch.linalg.vector_norm(E_trial) / norm_w).item()
+            if trial_err < err:
+                blocks, E2, err = trial, E_trial, trial_err
+                Z = block_products(blocks)
         if abs(last - err) <= tol:
             break
         last = err
