@@ -136,6 +136,10 @@ def test_every_subcommand_on_a_tiny_run(tmp_path, capsys):
     for name in ("table.md", "results.csv", "results.json", "pareto.png", "search.jsonl"):
         assert os.path.getsize(os.path.join(out_dir, name)) > 0
 
+    # Reusing the folder with other settings is allowed but said.
+    code, out, _ = run(capsys, "train", *common, "--set", "finetune.lr=0.5")
+    assert code == 0 and "warning:" in out and "finetune.lr" in out
+
 
 def test_reproduce_with_bfs_search(tmp_path, capsys):
     out_dir = str(tmp_path / "bfs")
