@@ -39,17 +39,19 @@ def _composite(series_fns):
     """A backend from its three series kernels; the bottleneck composes them with 1×1 convs."""
     forward, backward_input, backward_weight = series_fns
 
-    def composite_forward(x, A, cores, C, bias, group_sizes, group_size, stride, padding,
-                          dilation):
-        return reference.composite_bottleneck_forward(forward, x, A, cores, C, bias, group_sizes,
-                                                      group_size, stride, padding, dilation)
+    def forward_saving(*args):
+        return reference.composite_bottleneck_activations(forward, *args)
 
-    def composite_backward(*args):
-        return reference.composite_bottleneck_backward(series_fns, *args)
+    def composite_forward(*args):
+        return forward_saving(*args)[0]
+
+    def composite_backward(*args, activations=None):
+        return reference.composite_bottleneck_backward(series_fns, *args, activations=activations)
 
     return SimpleNamespace(series_forward=forward, series_backward_input=backward_input,
                            series_backward_weight=backward_weight,
                            bottleneck_forward=composite_forward,
+                           bottleneck_forward_saving=forward_saving,
                            bottleneck_backward=composite_backward)
 
 

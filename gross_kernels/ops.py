@@ -107,25 +107,38 @@ def _summed(tensors, count):
     return total
 
 
+def _saves_activations(kernels, save_activations: bool) -> bool:
+    """Whether the forward keeps u = A·x and z = core(u) for the backward (composite backends)."""
+    return save_activations and hasattr(kernels, "bottleneck_forward_saving")
+
+
 @torch.library.custom_op("gross::series_bottleneck_conv2d", mutates_args=())
 def _bottleneck_op(x: Tensor, firsts: Sequence[Tensor], cores: Sequence[Tensor],
                    lasts: Sequence[Tensor], bias: Optional[Tensor], group_sizes: Sequence[int],
                    group_size: int, stride: Sequence[int], padding: Sequence[int],
-                   dilation: Sequence[int], backend: str) -> Tensor:
+                   dilation: Sequence[int], backend: str, save_activations: bool) -> list[Tensor]:
+    """[y], or [y, u, z] when the backend keeps its activations for the backward."""
     kernels = backends.resolve(backend, x.device, x.dtype)
     n = sum(1 for g in group_sizes if g <= group_size)
-    y = kernels.bottleneck_forward(x, _summed(firsts, n), list(cores), _summed(lasts, n), bias,
-                                   tuple(group_sizes), group_size, tuple(stride), tuple(padding),
-                                   tuple(dilation))
-    return y.contiguous(memory_format=_memory_format(x))
+    args = (x, _summed(firsts, n), list(cores), _summed(lasts, n), bias, tuple(group_sizes),
+            group_size, tuple(stride), tuple(padding), tuple(dilation))
+    if _saves_activations(kernels, save_activations):
+        y, u, z = kernels.bottleneck_forward_saving(*args)
+        return [y.contiguous(memory_format=_memory_format(x)), u, z]
+    return [kernels.bottleneck_forward(*args).contiguous(memory_format=_memory_format(x))]
 
 
 @_bottleneck_op.register_fake
 def _bottleneck_op_fake(x, firsts, cores, lasts, bias, group_sizes, group_size, stride, padding,
-                        dilation, backend):
+                        dilation, backend, save_activations):
     kh, kw = cores[0].shape[2:]
-    return _new_output(x, (x.shape[0], lasts[0].shape[0],
-                           *_out_hw(x.shape[2:], (kh, kw), stride, padding, dilation)))
+    out_hw = _out_hw(x.shape[2:], (kh, kw), stride, padding, dilation)
+    y = _new_output(x, (x.shape[0], lasts[0].shape[0], *out_hw))
+    if not _saves_activations(backends.resolve(backend, x.device, x.dtype), save_activations):
+        return [y]
+    u = _new_output(x, (x.shape[0], firsts[0].shape[0], *x.shape[2:]))
+    z = _new_output(x, (x.shape[0], cores[0].shape[0], *out_hw))
+    return [y, u, z]
 
 
 @torch.library.custom_op("gross::series_bottleneck_conv2d_backward", mutates_args=())
@@ -133,17 +146,23 @@ def _bottleneck_backward_op(grad: Tensor, x: Tensor, firsts: Sequence[Tensor],
                             cores: Sequence[Tensor], lasts: Sequence[Tensor],
                             bias: Optional[Tensor], group_sizes: Sequence[int], group_size: int,
                             stride: Sequence[int], padding: Sequence[int],
-                            dilation: Sequence[int], backend: str) -> list[Tensor]:
+                            dilation: Sequence[int], backend: str,
+                            activations: Sequence[Tensor]) -> list[Tensor]:
     """[grad_x, grads of firsts, grads of cores, grads of lasts, grad_bias (empty if no bias)].
 
     Every active first (last) gets the gradient of the summed A (C); inactive terms get zeros.
+    `activations` is [u, z] when the forward kept them, else empty (the backend recomputes).
     """
     kernels = backends.resolve(backend, x.device, x.dtype)
     n = sum(1 for g in group_sizes if g <= group_size)
     grad = grad.contiguous(memory_format=_memory_format(x))
-    gx, gA, gcores, gC, gbias = kernels.bottleneck_backward(
-        grad, x, _summed(firsts, n), list(cores), _summed(lasts, n), bias, tuple(group_sizes),
-        group_size, tuple(stride), tuple(padding), tuple(dilation))
+    args = (grad, x, _summed(firsts, n), list(cores), _summed(lasts, n), bias, tuple(group_sizes),
+            group_size, tuple(stride), tuple(padding), tuple(dilation))
+    if activations:
+        gx, gA, gcores, gC, gbias = kernels.bottleneck_backward(*args,
+                                                                activations=tuple(activations))
+    else:
+        gx, gA, gcores, gC, gbias = kernels.bottleneck_backward(*args)
 
     def per_term(active_grads, params):
         active = [g.contiguous() for g in active_grads]
@@ -160,7 +179,7 @@ def _bottleneck_backward_op(grad: Tensor, x: Tensor, firsts: Sequence[Tensor],
 
 @_bottleneck_backward_op.register_fake
 def _bottleneck_backward_fake(grad, x, firsts, cores, lasts, bias, group_sizes, group_size,
-                              stride, padding, dilation, backend):
+                              stride, padding, dilation, backend, activations):
     like = [torch.empty_like(p, memory_format=torch.contiguous_format)
             for p in (*firsts, *cores, *lasts)]
     return ([_new_output(x, x.shape)] + like
@@ -171,19 +190,24 @@ def _bottleneck_setup(ctx, inputs, output):
     x, firsts, cores, lasts, bias, *rest = inputs
     ctx.num_terms = len(cores)
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, *firsts, *cores, *lasts, *([bias] if bias is not None else []))
-    ctx.series_args = tuple(rest)
+    activations = list(output[1:])  # [u, z] when the forward kept them
+    ctx.num_activations = len(activations)
+    ctx.save_for_backward(x, *firsts, *cores, *lasts, *([bias] if bias is not None else []),
+                          *activations)
+    ctx.series_args = tuple(rest[:-1])  # without save_activations
 
 
-def _bottleneck_backward(ctx, grad):
+def _bottleneck_backward(ctx, grads):
     x, *params = ctx.saved_tensors
     n = ctx.num_terms
     firsts, cores, lasts = params[:n], params[n:2 * n], params[2 * n:3 * n]
     bias = params[3 * n] if ctx.has_bias else None
-    grads = _bottleneck_backward_op(grad, x, firsts, cores, lasts, bias, *ctx.series_args)
+    activations = params[len(params) - ctx.num_activations:] if ctx.num_activations else []
+    grads = _bottleneck_backward_op(grads[0], x, firsts, cores, lasts, bias, *ctx.series_args,
+                                    activations)
     return (grads[0], list(grads[1:1 + n]), list(grads[1 + n:1 + 2 * n]),
             list(grads[1 + 2 * n:1 + 3 * n]), grads[-1] if ctx.has_bias else None,
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 _bottleneck_op.register_autograd(_bottleneck_backward, setup_context=_bottleneck_setup)
@@ -234,6 +258,8 @@ def series_bottleneck_conv2d(x, firsts, cores, lasts, bias, group_sizes, group_s
     a = _validate.check_bottleneck(x, firsts, cores, lasts, bias, group_sizes, group_size, stride,
                                    padding, dilation)
     _check_forced_backend(backend, x)
+    tensors = [x, *firsts, *cores, *lasts] + ([bias] if bias is not None else [])
+    save_activations = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     return _bottleneck_op(x, list(firsts), list(cores), list(lasts), bias, list(a.group_sizes),
                           a.group_size, list(a.stride), list(a.padding), list(a.dilation),
-                          backend)
+                          backend, save_activations)[0]

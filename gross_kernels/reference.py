@@ -97,20 +97,26 @@ def pointwise_input_grad(grad_out, weight):
     return F.conv2d(grad_out, weight.transpose(0, 1))
 
 
-def composite_bottleneck_forward(series_forward_fn, x, A, cores, C, bias, group_sizes, group_size,
-                                 stride, padding, dilation):
-    """1×1 A → series core (by the given backend function) → 1×1 C + bias."""
+def composite_bottleneck_activations(series_forward_fn, x, A, cores, C, bias, group_sizes,
+                                     group_size, stride, padding, dilation):
+    """1×1 A → series core (by the given backend function) → 1×1 C + bias; returns (y, u, z)."""
     u = pointwise(x, A)
     z = series_forward_fn(u, cores, group_sizes, group_size, stride, padding, dilation)
-    return pointwise(z, C, bias)
+    return pointwise(z, C, bias), u, z
 
 
 def composite_bottleneck_backward(series_fns, grad_y, x, A, cores, C, bias, group_sizes,
-                                  group_size, stride, padding, dilation):
-    """Backward of the composite bottleneck; `series_fns` = (forward, backward_input, backward_weight)."""
+                                  group_size, stride, padding, dilation, activations=None):
+    """Backward of the composite bottleneck; `series_fns` = (forward, backward_input, backward_weight).
+
+    `activations` = (u, z) saved by the forward; without them they are recomputed.
+    """
     forward, backward_input, backward_weight = series_fns
-    u = pointwise(x, A)  # recomputed: cheaper to redo two small GEMMs than to keep activations
-    z = forward(u, cores, group_sizes, group_size, stride, padding, dilation)
+    if activations is None:
+        u = pointwise(x, A)
+        z = forward(u, cores, group_sizes, group_size, stride, padding, dilation)
+    else:
+        u, z = activations
     grad_bias = grad_y.sum(dim=(0, 2, 3)) if bias is not None else None
     grad_C = pointwise_weight_grad(grad_y, z)
     grad_z = pointwise_input_grad(grad_y, C)
@@ -126,14 +132,21 @@ def composite_bottleneck_backward(series_fns, grad_y, x, A, cores, C, bias, grou
 SERIES_FNS = (series_forward, series_backward_input, series_backward_weight)
 
 
+def bottleneck_forward_saving(x, A, cores, C, bias, group_sizes, group_size, stride, padding,
+                              dilation):
+    """The whole decomposed layer with reference series kernels: (y, u, z) for the backward."""
+    return composite_bottleneck_activations(series_forward, x, A, cores, C, bias, group_sizes,
+                                            group_size, stride, padding, dilation)
+
+
 def bottleneck_forward(x, A, cores, C, bias, group_sizes, group_size, stride, padding, dilation):
     """The whole decomposed layer with reference series kernels."""
-    return composite_bottleneck_forward(series_forward, x, A, cores, C, bias, group_sizes,
-                                        group_size, stride, padding, dilation)
+    return bottleneck_forward_saving(x, A, cores, C, bias, group_sizes, group_size, stride,
+                                     padding, dilation)[0]
 
 
 def bottleneck_backward(grad_y, x, A, cores, C, bias, group_sizes, group_size, stride, padding,
-                        dilation):
+                        dilation, activations=None):
     """Backward of the whole decomposed layer with reference series kernels."""
     return composite_bottleneck_backward(SERIES_FNS, grad_y, x, A, cores, C, bias, group_sizes,
-                                         group_size, stride, padding, dilation)
+                                         group_size, stride, padding, dilation, activations)

@@ -127,7 +127,7 @@ def _opcheck_args(backend):
     lasts = [torch.randn(5, 8, 1, 1, requires_grad=True) for _ in range(3)]
     xb = torch.randn(2, 3, 6, 5, requires_grad=True)
     bottleneck = (xb, firsts, cores, lasts, torch.randn(5, requires_grad=True), [1, 2, 4], 4,
-                  [2, 2], [1, 1], [1, 1], backend)
+                  [2, 2], [1, 1], [1, 1], backend, True)
     return series, bottleneck
 
 
@@ -136,6 +136,9 @@ def test_opcheck(backend):
     series, bottleneck = _opcheck_args(backend)
     torch.library.opcheck(torch.ops.gross.series_grouped_conv2d.default, series)
     torch.library.opcheck(torch.ops.gross.series_bottleneck_conv2d.default, bottleneck)
+    # Without saved activations (inference, or a backend that recomputes them in the backward).
+    torch.library.opcheck(torch.ops.gross.series_bottleneck_conv2d.default,
+                          bottleneck[:-1] + (False,))
     x, cores = series[0], series[1]
     grad = torch.randn(2, 8, 6, 5)
     torch.library.opcheck(torch.ops.gross.series_grouped_conv2d_backward.default,
