@@ -39,6 +39,12 @@ def _composite(series_fns):
     """A backend from its three series kernels; the bottleneck composes them with 1×1 convs."""
     forward, backward_input, backward_weight = series_fns
 
+    def backward(grad_z, u, cores, group_sizes, group_size, stride, padding, dilation):
+        grad_u = backward_input(grad_z, cores, group_sizes, group_size, u.shape, stride, padding,
+                                dilation)
+        return grad_u, backward_weight(grad_z, u, cores, group_sizes, group_size, stride, padding,
+                                       dilation)
+
     def forward_saving(*args):
         return reference.composite_bottleneck_activations(forward, *args)
 
@@ -46,7 +52,8 @@ def _composite(series_fns):
         return forward_saving(*args)[0]
 
     def composite_backward(*args, activations=None):
-        return reference.composite_bottleneck_backward(series_fns, *args, activations=activations)
+        return reference.composite_bottleneck_backward((forward, backward), *args,
+                                                       activations=activations)
 
     return SimpleNamespace(series_forward=forward, series_backward_input=backward_input,
                            series_backward_weight=backward_weight,

@@ -81,20 +81,27 @@ def series_backward_weight(grad_z, x, cores, group_sizes, group_size, stride, pa
     return [gather_core(weight_grad, S, g, group_size) for g in group_sizes if g <= group_size]
 
 
+def conv_backward(grad_out, x, weight, stride, padding, dilation, groups):
+    """(grad_x, grad_weight) of a bias-free convolution, both from one convolution backward."""
+    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_out, x, weight, None, list(stride), list(padding), list(dilation), False, [0, 0],
+        groups, [True, True, False])
+    return grad_x, grad_weight
+
+
+def series_backward(grad_z, x, cores, group_sizes, group_size, stride, padding, dilation):
+    """(grad_x, grads of the active cores) from one convolution backward on the summed weight."""
+    S = x.shape[1]
+    weight = effective_core(cores, group_sizes, group_size, S)
+    grad_x, weight_grad = conv_backward(grad_z, x, weight, stride, padding, dilation,
+                                        S // group_size)
+    return grad_x, [gather_core(weight_grad, S, g, group_size)
+                    for g in group_sizes if g <= group_size]
+
+
 def pointwise(x, weight, bias=None):
     """A 1×1 convolution."""
     return F.conv2d(x, weight, bias)
-
-
-def pointwise_weight_grad(grad_out, x):
-    """Gradient of a bias-free 1×1 convolution's weight: Σ_{n,h,w} grad_out ⊗ x."""
-    weight = torch.einsum("nohw,nihw->oi", grad_out, x)
-    return weight[:, :, None, None]
-
-
-def pointwise_input_grad(grad_out, weight):
-    """Gradient of a 1×1 convolution's input: the transposed 1×1 convolution."""
-    return F.conv2d(grad_out, weight.transpose(0, 1))
 
 
 def composite_bottleneck_activations(series_forward_fn, x, A, cores, C, bias, group_sizes,
@@ -107,29 +114,27 @@ def composite_bottleneck_activations(series_forward_fn, x, A, cores, C, bias, gr
 
 def composite_bottleneck_backward(series_fns, grad_y, x, A, cores, C, bias, group_sizes,
                                   group_size, stride, padding, dilation, activations=None):
-    """Backward of the composite bottleneck; `series_fns` = (forward, backward_input, backward_weight).
+    """Backward of the composite bottleneck; `series_fns` = (forward, backward) of the core, where
+    backward(grad_z, u, cores, ...) returns (grad_u, grads of the active cores).
 
     `activations` = (u, z) saved by the forward; without them they are recomputed.
     """
-    forward, backward_input, backward_weight = series_fns
+    forward, backward = series_fns
     if activations is None:
         u = pointwise(x, A)
         z = forward(u, cores, group_sizes, group_size, stride, padding, dilation)
     else:
         u, z = activations
+    unit = ((1, 1), (0, 0), (1, 1), 1)
     grad_bias = grad_y.sum(dim=(0, 2, 3)) if bias is not None else None
-    grad_C = pointwise_weight_grad(grad_y, z)
-    grad_z = pointwise_input_grad(grad_y, C)
-    grad_cores = backward_weight(grad_z, u, cores, group_sizes, group_size, stride, padding,
-                                 dilation)
-    grad_u = backward_input(grad_z, cores, group_sizes, group_size, u.shape, stride, padding,
-                            dilation)
-    grad_A = pointwise_weight_grad(grad_u, x)
-    grad_x = pointwise_input_grad(grad_u, A)
+    grad_z, grad_C = conv_backward(grad_y, z, C, *unit)
+    grad_u, grad_cores = backward(grad_z, u, cores, group_sizes, group_size, stride, padding,
+                                  dilation)
+    grad_x, grad_A = conv_backward(grad_u, x, A, *unit)
     return grad_x, grad_A, grad_cores, grad_C, grad_bias
 
 
-SERIES_FNS = (series_forward, series_backward_input, series_backward_weight)
+SERIES_FNS = (series_forward, series_backward)
 
 
 def bottleneck_forward_saving(x, A, cores, C, bias, group_sizes, group_size, stride, padding,
