@@ -23,13 +23,13 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 # --device cpu runs the Triton kernels in their interpreter; the flag must precede the import.
 if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import gross_kernels as gk  # noqa: E402
+from naive_gross import naive_layer  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -129,31 +129,6 @@ def unique_layers(nets, smoke):
                 merged[layer.key()] = layer
     layers = list(merged.values())
     return layers[:1] if smoke else layers  # the interpreter needs ~10 s CPU per small layer
-
-
-def _expand_by_loop(core, S, g, G):
-    """The released GroSS expansion: each filter group of a g-term zero-padded into its G-group, concatenated."""
-    T, _, kh, kw = core.shape
-    tg, r = T * g // S, G // g
-    blocks = []
-    for j in range(S // g):
-        pos = j % r
-        zeros_before = core.new_zeros(tg, pos * g, kh, kw)
-        zeros_after = core.new_zeros(tg, (r - pos - 1) * g, kh, kw)
-        blocks.append(torch.cat([zeros_before, core[j * tg:(j + 1) * tg], zeros_after], dim=1))
-    return torch.cat(blocks, dim=0)
-
-
-def naive_layer(x, firsts, cores, lasts, bias, group_sizes, G, stride, padding):
-    """The decomposed layer as the released code computes it: per-term expansion loops, then three convs."""
-    active = [i for i, g in enumerate(group_sizes) if g <= G]
-    S = firsts[0].shape[0]
-    A = sum(firsts[i] for i in active)
-    C = sum(lasts[i] for i in active)
-    B = sum(_expand_by_loop(cores[i], S, group_sizes[i], G) for i in active)
-    u = F.conv2d(x, A)
-    z = F.conv2d(u, B, None, stride, padding, 1, S // G)
-    return F.conv2d(z, C, bias)
 
 
 def _sync(device):

@@ -17,9 +17,9 @@ import time
 from datetime import datetime, timezone
 
 import torch
-import torch.nn.functional as F
 
 import gross_kernels as gk
+from naive_gross import naive_layer
 
 # (name, batch, C_in, C_out, spatial size, group sizes); bottleneck S = T = C_in, 3x3, pad 1.
 FOUR_LAYER = [(f"4-layer {name}", 128, cin, cout, hw, tuple(2 ** i for i in range(cin.bit_length())))
@@ -29,32 +29,6 @@ VGG16_CIFAR = [(f"VGG-16 {name}", 64, c, c, hw, (1, 4, 16, 32))
                                    ("conv5_2", 512, 2)]]
 LAYERS = FOUR_LAYER + VGG16_CIFAR
 BACKENDS = ["naive", "reference", "cpp", "auto"]
-
-
-def naive_expand(core, g, G, S):
-    """The released GroSS expansion: loop over the term's filter groups, zero-pad each to G inputs, concatenate."""
-    T, _, kh, kw = core.shape
-    per_group = T * g // S
-    blocks = []
-    for group in range(S // g):
-        weight = core[group * per_group:(group + 1) * per_group]
-        position = group % (G // g)  # where this g-block sits inside its G-block
-        left = core.new_zeros(per_group, position * g, kh, kw)
-        right = core.new_zeros(per_group, G - (position + 1) * g, kh, kw)
-        blocks.append(torch.cat([left, weight, right], dim=1))
-    return torch.cat(blocks, dim=0)
-
-
-def naive_layer(x, firsts, cores, lasts, bias, group_sizes, group_size, stride, padding, dilation):
-    """Sum the expanded terms, then three convolutions (1x1, grouped kxk, 1x1 + bias)."""
-    S = firsts[0].shape[0]
-    active = [i for i, g in enumerate(group_sizes) if g <= group_size]
-    A = sum(firsts[i] for i in active)
-    B = sum(naive_expand(cores[i], group_sizes[i], group_size, S) for i in active)
-    C = sum(lasts[i] for i in active)
-    u = F.conv2d(x, A)
-    z = F.conv2d(u, B, None, stride, padding, dilation, S // group_size)
-    return F.conv2d(z, C, bias)
 
 
 def make_layer(batch, cin, cout, hw, group_sizes, dtype=torch.float32):
