@@ -204,3 +204,27 @@ def test_matches_tensorly_oracle_on_small_shapes():
         A, B, C = (torch.from_numpy(oracle[k]) for k in "ABC")
         assert _rel(reconstruct(A[..., None, None], B, C[..., None, None]), W) == pytest.approx(
             oracle["rel_error"], rel=1e-6)
+
+
+def test_delayed_residual_updates_give_the_same_iterates():
+    # Chunks refit blocks against the chunk-start residual plus their predecessors' low-rank
+    # changes: exactly Gauss-Seidel, whatever the chunk length (here not dividing the block count).
+    from gross import _btd
+
+    W3 = torch.randn(12, 9, 16, dtype=F64)
+    fits = []
+    for chunk in (1, 3, 8):
+        blocks = _btd.hosvd_init(W3, 8, 1, 2)
+        blocks, err, _ = _btd.pci(W3, blocks, 0.0, 5, chunk=chunk, extrapolate=False)
+        fits.append((err, _btd.reconstruct(blocks)))
+    for err, X in fits[1:]:
+        assert err == pytest.approx(fits[0][0], rel=1e-10)
+        assert torch.allclose(X, fits[0][1], atol=1e-10)
+
+
+def test_extrapolation_never_raises_the_error_of_a_pass():
+    from gross import _btd
+
+    W3 = torch.randn(16, 9, 12, dtype=F64)
+    errors = [_btd.pci(W3, _btd.hosvd_init(W3, 4, 4, 3), 0.0, n)[1] for n in (1, 2, 5, 10, 20)]
+    assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:])), errors
