@@ -151,11 +151,16 @@ def _auto_choice(device: torch.device, dtype: torch.dtype) -> str:
     return "reference"
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype):
-    """The kernel module for `backend` on these tensors; raises if a forced backend cannot run."""
+def check_available(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete backend `backend` stands for here; raises if a forced one cannot run."""
     if backend == "auto":
-        backend = _auto_choice(device, dtype)
+        return _auto_choice(device, dtype)
     reason = unavailable_reason(backend, device, dtype)
     if reason is not None:
         raise BackendUnavailableError(f"backend={backend!r} is unavailable: {reason}")
-    return _backend(backend)
+    return backend
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype):
+    """The kernel module for `backend` on these tensors; raises if a forced backend cannot run."""
+    return _backend(check_available(backend, device, dtype))

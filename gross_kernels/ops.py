@@ -233,12 +233,10 @@ def _autocast(*tensor_groups):
     return tuple(cast(group) for group in tensor_groups)
 
 
-def _check_forced_backend(backend: str, x: Tensor) -> None:
+def _check_backend(backend: str, x: Tensor) -> None:
+    """Reject an unknown backend, or a forced one that cannot run x, before any kernel runs."""
     _validate.check_backend(backend)
-    if backend != "auto":
-        reason = backends.unavailable_reason(backend, x.device, x.dtype)
-        if reason is not None:
-            raise backends.BackendUnavailableError(f"backend={backend!r} is unavailable: {reason}")
+    backends.check_available(backend, x.device, x.dtype)
 
 
 def series_grouped_conv2d(x, cores, group_sizes, group_size, stride=1, padding=0, dilation=1,
@@ -246,7 +244,7 @@ def series_grouped_conv2d(x, cores, group_sizes, group_size, stride=1, padding=0
     """Σ_{i: g_i <= group_size} conv2d(x, cores[i], groups=S // g_i), one fused op."""
     x, cores = _autocast(x, cores)
     a = _validate.check_series_conv(x, cores, group_sizes, group_size, stride, padding, dilation)
-    _check_forced_backend(backend, x)
+    _check_backend(backend, x)
     return _series_op(x, list(cores), list(a.group_sizes), a.group_size, list(a.stride),
                       list(a.padding), list(a.dilation), backend)
 
@@ -257,7 +255,7 @@ def series_bottleneck_conv2d(x, firsts, cores, lasts, bias, group_sizes, group_s
     x, firsts, cores, lasts, bias = _autocast(x, firsts, cores, lasts, bias)
     a = _validate.check_bottleneck(x, firsts, cores, lasts, bias, group_sizes, group_size, stride,
                                    padding, dilation)
-    _check_forced_backend(backend, x)
+    _check_backend(backend, x)
     tensors = [x, *firsts, *cores, *lasts] + ([bias] if bias is not None else [])
     save_activations = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     return _bottleneck_op(x, list(firsts), list(cores), list(lasts), bias, list(a.group_sizes),
