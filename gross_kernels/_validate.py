@@ -35,6 +35,12 @@ def pair(name: str, value, minimum: int) -> tuple:
     return tuple(value)
 
 
+def output_hw(input_hw, kernel_hw, stride, padding, dilation) -> tuple:
+    """Spatial output size of a convolution (each argument a pair)."""
+    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
+                 for size, k, s, p, d in zip(input_hw, kernel_hw, stride, padding, dilation))
+
+
 def check_series(group_sizes, S: int, T: int, name: str = "group_sizes") -> tuple:
     """Validate a nested group-size series for bottleneck widths (S, T); returns it as a tuple."""
     if isinstance(group_sizes, (str, bytes)) or not isinstance(group_sizes, Sequence):

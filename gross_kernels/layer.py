@@ -113,8 +113,8 @@ class SeriesConv2d(nn.Module):
 
     def output_size(self, input_hw) -> tuple:
         """Spatial output size for an input of spatial size `input_hw`."""
-        return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in zip(
-            input_hw, self.kernel_size, self.stride, self.padding, self.dilation))
+        return _validate.output_hw(input_hw, self.kernel_size, self.stride, self.padding,
+                                   self.dilation)
 
     def macs(self, input_hw) -> int:
         """Multiply-accumulates of one sample at the active group size (three convolutions)."""

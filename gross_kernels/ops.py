@@ -15,11 +15,6 @@ from torch import Tensor
 from . import _validate, backends
 
 
-def _out_hw(x_hw, kernel_hw, stride, padding, dilation):
-    return [(size + 2 * p - d * (k - 1) - 1) // s + 1
-            for size, k, s, p, d in zip(x_hw, kernel_hw, stride, padding, dilation)]
-
-
 def _memory_format(x: Tensor):
     return torch.channels_last if (
         x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
@@ -45,8 +40,8 @@ def _series_op(x: Tensor, cores: Sequence[Tensor], group_sizes: Sequence[int], g
 @_series_op.register_fake
 def _series_op_fake(x, cores, group_sizes, group_size, stride, padding, dilation, backend):
     T, _, kh, kw = cores[0].shape
-    return _new_output(x, (x.shape[0], T, *_out_hw(x.shape[2:], (kh, kw), stride, padding,
-                                                      dilation)))
+    out_hw = _validate.output_hw(x.shape[2:], (kh, kw), stride, padding, dilation)
+    return _new_output(x, (x.shape[0], T, *out_hw))
 
 
 @torch.library.custom_op("gross::series_grouped_conv2d_backward", mutates_args=())
@@ -132,7 +127,7 @@ def _bottleneck_op(x: Tensor, firsts: Sequence[Tensor], cores: Sequence[Tensor],
 def _bottleneck_op_fake(x, firsts, cores, lasts, bias, group_sizes, group_size, stride, padding,
                         dilation, backend, save_activations):
     kh, kw = cores[0].shape[2:]
-    out_hw = _out_hw(x.shape[2:], (kh, kw), stride, padding, dilation)
+    out_hw = _validate.output_hw(x.shape[2:], (kh, kw), stride, padding, dilation)
     y = _new_output(x, (x.shape[0], lasts[0].shape[0], *out_hw))
     if not _saves_activations(backends.resolve(backend, x.device, x.dtype), save_activations):
         return [y]
