@@ -38,3 +38,15 @@ def small_embedded(n_train=128, n_val=64, augment=False):
     """The first n_train / n_val / n_val samples of the embedded train / val / test splits."""
     train, val, test = _embedded(augment)
     return Subset(train, range(n_train)), Subset(val, range(n_val)), Subset(test, range(n_val))
+
+
+def tiny_demo_overrides(runs, budgets, spec):
+    """`gross` CLI overrides that shrink the demo experiment to seconds: one epoch per stage,
+    `runs` fine-tuning runs at `budgets` (YAML list), and the decomposition `spec` (YAML mapping)."""
+    return ["--quiet", "--set", "data.limit=100",
+            "--set", "train.epochs=1", "--set", "train.milestones=[]", "--set", "train.batch_size=256",
+            "--set", "search_space.epochs=1", "--set", "search_space.milestones=[]",
+            "--set", "finetune.epochs=1", "--set", "finetune.milestones=[]",
+            "--set", "finetune.batch_size=256",
+            "--set", f"reproduce.runs={runs}", "--set", f"reproduce.budgets={budgets}",
+            "--set", "decompose.max_iter=3", "--set", f"decompose.spec={spec}"]

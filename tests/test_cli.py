@@ -6,17 +6,13 @@ import pytest
 import torch
 
 from gross import cli
+from pipeline_helpers import tiny_demo_overrides
 
 COMMANDS = ["train", "decompose", "train-space", "search", "finetune", "evaluate", "export", "reproduce", "demo"]
 
 # The demo experiment shrunk to seconds: one epoch per stage and a 2·2 search space.
-TINY = ["--quiet", "--set", "data.limit=100",
-        "--set", "train.epochs=1", "--set", "train.milestones=[]", "--set", "train.batch_size=256",
-        "--set", "search_space.epochs=1", "--set", "search_space.milestones=[]",
-        "--set", "finetune.epochs=1", "--set", "finetune.milestones=[]", "--set", "finetune.batch_size=256",
-        "--set", "reproduce.runs=1", "--set", "reproduce.budgets=[16]", "--set", "decompose.max_iter=3",
-        "--set", "decompose.spec={conv2: {group_sizes: [16, 32], bottleneck: 32}, "
-                 "conv3: {group_sizes: [16, 32], bottleneck: 32}}"]
+TINY = tiny_demo_overrides(1, "[16]", "{conv2: {group_sizes: [16, 32], bottleneck: 32}, "
+                                      "conv3: {group_sizes: [16, 32], bottleneck: 32}}")
 
 
 def run(capsys, *argv):

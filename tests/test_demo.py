@@ -7,14 +7,11 @@ import sys
 import torch
 
 from gross import cli, data, export
+from pipeline_helpers import tiny_demo_overrides
 
-TINY = ["--quiet", "--set", "data.limit=100",
-        "--set", "train.epochs=1", "--set", "train.milestones=[]", "--set", "train.batch_size=256",
-        "--set", "search_space.epochs=1", "--set", "search_space.milestones=[]",
-        "--set", "finetune.epochs=1", "--set", "finetune.milestones=[]", "--set", "finetune.batch_size=256",
-        "--set", "reproduce.runs=2", "--set", "reproduce.budgets=[8]", "--set", "decompose.max_iter=3",
-        "--set", "decompose.spec={conv2: {group_sizes: [8, 32], bottleneck: 32}, "
-                 "conv3: {group_sizes: [8, 32], bottleneck: 32}, conv4: {group_sizes: [8, 64], bottleneck: 64}}"]
+TINY = tiny_demo_overrides(2, "[8]", "{conv2: {group_sizes: [8, 32], bottleneck: 32}, "
+                                     "conv3: {group_sizes: [8, 32], bottleneck: 32}, "
+                                     "conv4: {group_sizes: [8, 64], bottleneck: 64}}")
 
 
 def test_demo_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
