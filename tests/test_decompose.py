@@ -228,3 +228,23 @@ def test_extrapolation_never_raises_the_error_of_a_pass():
     W3 = torch.randn(16, 9, 12, dtype=F64)
     errors = [_btd.pci(W3, _btd.hosvd_init(W3, 4, 4, 3), 0.0, n)[1] for n in (1, 2, 5, 10, 20)]
     assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:])), errors
+
+
+def test_single_block_reaches_the_optimal_tucker2():
+    # One block with G = C_in: the best Tucker-2 keeps V full, so the optimum is the truncated SVD
+    # of the C_out unfolding; the single-block HOOI path must reach it.
+    W = torch.randn(12, 6, 3, 3, dtype=F64)
+    res = btd(W, 6, (6, 4), tol=1e-12)
+    sv = torch.linalg.svdvals(W.reshape(12, -1))
+    assert res.rel_error == pytest.approx((sv[4:].norm() / sv.norm()).item(), rel=1e-9)
+    assert _rel(reconstruct(*res), W) == pytest.approx(res.rel_error, rel=1e-9)
+
+
+def test_warm_subspace_passes_never_raise_the_error():
+    # Each block's factors take one subspace-iteration step per visit instead of an exact
+    # eigendecomposition; without extrapolation, every pass must still be a descent step.
+    from gross import _btd
+
+    W3 = torch.randn(20, 9, 14, dtype=F64)
+    errors = [_btd.pci(W3, _btd.hosvd_init(W3, 7, 2, 2), 0.0, n, extrapolate=False)[1] for n in range(1, 9)]
+    assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:])), errors

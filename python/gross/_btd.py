@@ -32,6 +32,17 @@ def top_subspace(M, k):
     return vecs[:, n - k:]
 
 
+def warm_subspace(M, Q):
+    """One subspace-iteration step from the orthonormal basis Q (n, k) towards M's top-k left singular subspace.
+
+    Inside PCI a block's bases move little from one visit to the next, so one step of
+    orth(M Mᵀ Q) from its current bases takes the place of a full eigendecomposition of the Gram
+    matrix (the dominant cost on large blocks); the fitted block's error still never rises, as
+    the Ritz values of subspace iteration on a positive semi-definite matrix only increase.
+    """
+    return torch.linalg.qr(M @ (M.mT @ Q))[0]
+
+
 def block_products(blocks):
     """Z (nb, tb, p*C_in): each block's core multiplied out along C_in (X_b = U_b @ Z_b)."""
     U, K, V = blocks
@@ -84,7 +95,7 @@ def merge(blocks, factor):
 
 
 def _update_block(E2, DU, DZ, P_b, blocks, Z, b, sweeps):
-    """Refit block b to the residual of the others (HOOI sweeps warm-started from its factors).
+    """Refit block b to the residual of the others (HOOI sweeps, each factor one warm subspace step).
 
     The current residual is `E2 + DU @ DZ`: E2 `(C_out, p*C_in)` as it was at the start of the
     chunk, and DU, DZ the low-rank changes made by the chunk's earlier blocks, so the dense
@@ -100,11 +111,12 @@ def _update_block(E2, DU, DZ, P_b, blocks, Z, b, sweeps):
     DZ3 = DZ.reshape(-1, c_in)
     # Residual with this block added back, seen through U_b (U_b^T U_b = I, so its own part is Z_b).
     Y1 = (P_b + Zb + (Ub.mT @ DU) @ DZ).reshape(tb * p, c_in)
+    Un, Vn = Ub, Vb
     for sweep in range(sweeps):
-        Vn = top_subspace(Y1.mT, g)
+        Vn = warm_subspace(Y1.mT, Vn)
         Y2 = ((E3 @ Vn).reshape(c_out, p * g) + DU @ (DZ3 @ Vn).reshape(-1, p * g)
               + Ub @ (Kb.reshape(tb * p, g) @ (Vb.mT @ Vn)).reshape(tb, p * g))
-        Un = top_subspace(Y2, tb)
+        Un = warm_subspace(Y2, Un)
         if sweep + 1 < sweeps:
             Y1 = (Un.mT @ E2 + (Un.mT @ DU) @ DZ + (Un.mT @ Ub) @ Zb).reshape(tb * p, c_in)
     Kn = (Un.mT @ Y2).reshape(tb, p, g)
@@ -147,6 +159,33 @@ def _extrapolate(prev, blocks, step):
     return Blocks(Ut, torch.einsum("bst,btpg,bhg->bsph", Ru, Kt, Rv), Vt)
 
 
+def hooi(W3, blocks, tol, max_iter):
+    """PCI for a single block, which is plain HOOI of the weight; returns (blocks, rel_error, iterations).
+
+    With one block the residual of the others is the weight itself, so a pass is one HOOI sweep
+    (exact eigendecompositions) with none of the residual bookkeeping or extrapolation that the
+    many-block iteration needs; the per-call overhead of those dominated small single-block layers.
+    Same stopping rule as `pci`.
+    """
+    c_out, p, c_in = W3.shape
+    tb, g = blocks.U.shape[-1], blocks.V.shape[-1]
+    U = blocks.U[0]
+    W2, Wc = W3.reshape(c_out, p * c_in), W3.reshape(c_out * p, c_in)
+    norm_w = torch.linalg.vector_norm(W3)
+    last, it = math.inf, 0
+    for it in range(1, max_iter + 1):
+        V = top_subspace((U.mT @ W2).reshape(tb * p, c_in).mT, g)
+        Y2 = (Wc @ V).reshape(c_out, p * g)
+        U = top_subspace(Y2, tb)
+        K = U.mT @ Y2
+        err = (torch.linalg.vector_norm(W2 - U @ (K.reshape(tb * p, g) @ V.mT).reshape(tb, p * c_in))
+               / norm_w).item()
+        if abs(last - err) <= tol:
+            break
+        last = err
+    return Blocks(U[None], K.reshape(1, tb, p, g), V[None]), err, it
+
+
 def pci(W3, blocks, tol, max_iter, sweeps=1, chunk=None, extrapolate=True):
     """Principal component iteration from `blocks`; returns (blocks, rel_error, iterations).
 
@@ -157,9 +196,12 @@ def pci(W3, blocks, tol, max_iter, sweeps=1, chunk=None, extrapolate=True):
     pass the change over that pass is extrapolated (factor (it+1)^(1/3), as in ALS line search)
     and kept when it lowers the error.
     Stops when the relative error changes by at most `tol` over one pass, or after `max_iter` passes.
+    A single block goes to `hooi`.
     """
     c_out, p, c_in = W3.shape
     nb, _, tb = blocks.U.shape
+    if nb == 1:
+        return hooi(W3, blocks, tol, max_iter)
     chunk = chunk or chunk_size(tb)
     W2 = W3.reshape(c_out, p * c_in)
     norm_w = torch.linalg.vector_norm(W3)
