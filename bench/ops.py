@@ -1,8 +1,8 @@
 """Times the whole decomposed layer (gk.series_bottleneck_conv2d) per backend on the paper's layer shapes.
 
 Columns: *naive* (the released GroSS approach, below), *reference*, *cpp*, *auto*; rows: layer ×
-{smallest, largest} group size × {forward, forward+backward}. Medians of repeated runs; every
-ratio compares timings taken in the same run. Prints a markdown table and writes JSON.
+{smallest, largest} group size × {forward, forward+backward}. Medians of repeated runs, the backends
+timed round-robin; every ratio compares timings taken in the same run. Prints a markdown table and writes JSON.
 `--clock cpu` measures the process's CPU time instead of wall time: with `--threads 1` it is
 the work done, unaffected by other processes competing for a shared machine's cores.
 
@@ -75,15 +75,22 @@ def runner(backend, tensors, group_sizes, group_size, backward):
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def median_ms(fn, repeats, clock):
-    """Median time of `repeats` calls after one warm-up call, in milliseconds."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = clock()
+def interleaved_medians(fns, repeats, clock):
+    """Median ms of each named callable, timed round-robin so that load bursts hit all of them alike.
+
+    One warm-up call each, then `repeats` rounds; each round times every callable once, starting
+    from a different one each round.
+    """
+    for fn in fns.values():
         fn()
-        times.append((clock() - start) * 1e3)
-    return statistics.median(times)
+    names = list(fns)
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = clock()
+            fns[name]()
+            times[name].append((clock() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def run(repeats, backends, layers, clock):
@@ -95,10 +102,9 @@ def run(repeats, backends, layers, clock):
                 tensors = make_layer(batch, cin, cout, hw, group_sizes)
                 row = {"layer": name, "batch": batch, "c_in": cin, "c_out": cout, "hw": hw,
                        "group_sizes": list(group_sizes), "group_size": group_size,
-                       "pass": "fwd+bwd" if backward else "fwd", "ms": {}}
-                for backend in backends:
-                    fn = runner(backend, tensors, group_sizes, group_size, backward)
-                    row["ms"][backend] = median_ms(fn, repeats, clock)
+                       "pass": "fwd+bwd" if backward else "fwd"}
+                fns = {b: runner(b, tensors, group_sizes, group_size, backward) for b in backends}
+                row["ms"] = interleaved_medians(fns, repeats, clock)
                 rows.append(row)
                 print(format_row(row, backends), flush=True)
     return rows

@@ -9,6 +9,8 @@ import torch
 from . import _extension, reference
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
+# What `auto` runs on the CPU: the reference kernels on channels-last tensors (not a public name).
+CPU_AUTO = "reference:channels_last"
 
 
 class BackendUnavailableError(RuntimeError):
@@ -79,10 +81,40 @@ def _with_fused_cuda_bottleneck(backend):
     return backend
 
 
+def _in_channels_last(backend):
+    """The backend's bottleneck run on channels-last tensors; outputs and activations stay so.
+
+    oneDNN's CPU convolutions work in a channels-last (nhwc) layout: handed NCHW tensors, they
+    reorder every input and output. Converting x (and the incoming gradient) once lets the three
+    convolutions and their backward run without those reorders (bench/RESULTS.md, "Ops benchmark").
+    """
+    def channels_last(t):
+        return t.contiguous(memory_format=torch.channels_last)
+
+    def forward_saving(x, *args):
+        return backend.bottleneck_forward_saving(channels_last(x), *args)
+
+    def forward(x, *args):
+        return backend.bottleneck_forward(channels_last(x), *args)
+
+    def backward(grad_y, x, *args, activations=None):
+        return backend.bottleneck_backward(channels_last(grad_y), channels_last(x), *args,
+                                           activations=activations)
+
+    return SimpleNamespace(series_forward=backend.series_forward,
+                           series_backward_input=backend.series_backward_input,
+                           series_backward_weight=backend.series_backward_weight,
+                           bottleneck_forward=forward, bottleneck_forward_saving=forward_saving,
+                           bottleneck_backward=backward,
+                           activation_memory_format=torch.channels_last)
+
+
 @functools.lru_cache(maxsize=None)
 def _backend(name: str):
     if name == "reference":
         return reference
+    if name == CPU_AUTO:
+        return _in_channels_last(reference)
     if name == "triton":
         from . import triton as triton_kernels
         return triton_kernels
@@ -147,8 +179,9 @@ def _auto_choice(device: torch.device, dtype: torch.dtype) -> str:
                 return name
         return "reference"
     # On the CPU, oneDNN's grouped convolution on the summed weight beats our direct C++ loops
-    # on every benchmarked layer shape (bench/RESULTS.md, "Ops benchmark (CPU)").
-    return "reference"
+    # on every benchmarked layer shape, and beats itself when fed channels-last float32 tensors
+    # (bench/RESULTS.md, "Ops benchmark (CPU)").
+    return CPU_AUTO if dtype == torch.float32 else "reference"
 
 
 def check_available(backend: str, device: torch.device, dtype: torch.dtype) -> str:

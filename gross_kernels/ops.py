@@ -107,6 +107,11 @@ def _saves_activations(kernels, save_activations: bool) -> bool:
     return save_activations and hasattr(kernels, "bottleneck_forward_saving")
 
 
+def _activation_layout(kernels, x: Tensor):
+    """Memory format of the saved activations u, z: the backend's own, else x's."""
+    return getattr(kernels, "activation_memory_format", None) or _memory_format(x)
+
+
 @torch.library.custom_op("gross::series_bottleneck_conv2d", mutates_args=())
 def _bottleneck_op(x: Tensor, firsts: Sequence[Tensor], cores: Sequence[Tensor],
                    lasts: Sequence[Tensor], bias: Optional[Tensor], group_sizes: Sequence[int],
@@ -119,7 +124,9 @@ def _bottleneck_op(x: Tensor, firsts: Sequence[Tensor], cores: Sequence[Tensor],
             group_size, tuple(stride), tuple(padding), tuple(dilation))
     if _saves_activations(kernels, save_activations):
         y, u, z = kernels.bottleneck_forward_saving(*args)
-        return [y.contiguous(memory_format=_memory_format(x)), u, z]
+        layout = _activation_layout(kernels, x)
+        return [y.contiguous(memory_format=_memory_format(x)), u.contiguous(memory_format=layout),
+                z.contiguous(memory_format=layout)]
     return [kernels.bottleneck_forward(*args).contiguous(memory_format=_memory_format(x))]
 
 
@@ -129,10 +136,12 @@ def _bottleneck_op_fake(x, firsts, cores, lasts, bias, group_sizes, group_size, 
     kh, kw = cores[0].shape[2:]
     out_hw = _validate.output_hw(x.shape[2:], (kh, kw), stride, padding, dilation)
     y = _new_output(x, (x.shape[0], lasts[0].shape[0], *out_hw))
-    if not _saves_activations(backends.resolve(backend, x.device, x.dtype), save_activations):
+    kernels = backends.resolve(backend, x.device, x.dtype)
+    if not _saves_activations(kernels, save_activations):
         return [y]
-    u = _new_output(x, (x.shape[0], firsts[0].shape[0], *x.shape[2:]))
-    z = _new_output(x, (x.shape[0], cores[0].shape[0], *out_hw))
+    layout = _activation_layout(kernels, x)
+    u = x.new_empty(x.shape[0], firsts[0].shape[0], *x.shape[2:]).contiguous(memory_format=layout)
+    z = x.new_empty(x.shape[0], cores[0].shape[0], *out_hw).contiguous(memory_format=layout)
     return [y, u, z]
 
 
@@ -186,6 +195,9 @@ def _bottleneck_setup(ctx, inputs, output):
     ctx.num_terms = len(cores)
     ctx.has_bias = bias is not None
     activations = list(output[1:])  # [u, z] when the forward kept them
+    # u and z are never used outside the op: without this, autograd would hand the backward
+    # freshly zero-filled gradients of their (full activation) size on every step.
+    ctx.set_materialize_grads(False)
     ctx.num_activations = len(activations)
     ctx.save_for_backward(x, *firsts, *cores, *lasts, *([bias] if bias is not None else []),
                           *activations)
@@ -198,6 +210,9 @@ def _bottleneck_backward(ctx, grads):
     firsts, cores, lasts = params[:n], params[n:2 * n], params[2 * n:3 * n]
     bias = params[3 * n] if ctx.has_bias else None
     activations = params[len(params) - ctx.num_activations:] if ctx.num_activations else []
+    if grads[0] is None:  # y took no part in the loss: every gradient is zero
+        none = [None] * n
+        return (None, none, none, none) + (None,) * 8
     grads = _bottleneck_backward_op(grads[0], x, firsts, cores, lasts, bias, *ctx.series_args,
                                     activations)
     return (grads[0], list(grads[1:1 + n]), list(grads[1 + n:1 + 2 * n]),

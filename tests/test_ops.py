@@ -49,7 +49,8 @@ def test_series_conv_matches_oracle_on_random_cases(backend):
                                        msg=lambda m: f"grad {name}, {what}: {m}")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+# "auto" runs its own CPU path for float32 (the reference on channels-last tensors).
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
 def test_bottleneck_matches_oracle(backend):
     rng = random.Random(99)
     gen = torch.Generator().manual_seed(99)
@@ -131,7 +132,7 @@ def _opcheck_args(backend):
     return series, bottleneck
 
 
-@pytest.mark.parametrize("backend", [b for b in ("reference", "cpp") if b in CPU_BACKENDS])
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpp") if b in CPU_BACKENDS] + ["auto"])
 def test_opcheck(backend):
     series, bottleneck = _opcheck_args(backend)
     torch.library.opcheck(torch.ops.gross.series_grouped_conv2d.default, series)
@@ -190,6 +191,25 @@ def test_channels_last_in_channels_last_out(backend):
     assert z.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(z, naive_series_conv(x, cores, (2, 4), 4, padding=1),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
+def test_bottleneck_output_and_input_gradient_follow_x_layout(backend, memory_format):
+    x = torch.randn(2, 6, 7, 7).contiguous(memory_format=memory_format).requires_grad_()
+    firsts = [torch.randn(8, 6, 1, 1) for _ in range(2)]
+    cores = [torch.randn(8, g, 3, 3, requires_grad=True) for g in (2, 4)]
+    lasts = [torch.randn(5, 8, 1, 1) for _ in range(2)]
+    args = (firsts, cores, lasts, torch.randn(5), (2, 4), 4, 1, 1)
+    y = gk.series_bottleneck_conv2d(x, *args, backend=backend)
+    assert y.is_contiguous(memory_format=memory_format)
+    grad_out = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *cores], grad_out)
+    assert grads[0].is_contiguous(memory_format=memory_format)
+    y_ref = naive_bottleneck(x, *args)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-3)
+    for g, g_ref in zip(grads, torch.autograd.grad(y_ref, [x, *cores], grad_out)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-3)
 
 
 def test_available_backends_and_forced_unavailable_backend():
