@@ -9,7 +9,7 @@ its measured per-iteration time × the most passes any of our methods needed (ma
 method of ours (--methods), against the same oracle run. Prints a Markdown table.
 
     python bench/decompose.py [--quick] [--oracle-max-seconds 60] [--threads 2] [--methods pci,als]
-    python bench/decompose.py --vgg-series [--methods als]    # the whole VGG-16 CIFAR series
+    python bench/decompose.py --vgg-series [--methods als] [--vgg-layers 1-7]   # the VGG-16 CIFAR series
 """
 import os
 
@@ -78,11 +78,26 @@ def verdict(r):
     return "n/a (cut)" if r["cut"] else "yes"
 
 
+def layer_numbers(text):
+    """1-based VGG-16 layer numbers from "1-4,8" (None: all twelve)."""
+    if text is None:
+        return list(range(1, len(VGG16_LAYERS) + 1))
+    numbers = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        numbers += range(int(first), int(last or first) + 1)
+    if not all(1 <= n <= len(VGG16_LAYERS) for n in numbers):
+        raise ValueError(f"--vgg-layers must name layers 1..{len(VGG16_LAYERS)}, got {text!r}")
+    return numbers
+
+
 def vgg_series(args):
-    """Time `series` on every decomposed VGG-16 CIFAR layer (He-normal weights) at sizes 1, 4, 16, 32."""
+    """Time `series` on the decomposed VGG-16 CIFAR layers (He-normal weights) at sizes 1, 4, 16, 32."""
     total = 0.0
-    print("| layer | C_in→C_out | seconds | errors at 1, 4, 16, 32 |\n|---|---|---|---|")
-    for i, (c_in, c_out) in enumerate(VGG16_LAYERS):
+    print("| layer | C_in→C_out | seconds | errors at 1, 4, 16, 32 | passes at 1, 4, 16, 32 |\n|---|---|---|---|---|")
+    for i in (n - 1 for n in layer_numbers(args.vgg_layers)):
+        c_in, c_out = VGG16_LAYERS[i]
+        torch.manual_seed(i + 1)  # per layer, so a run of some layers sees the same weights as the whole series
         conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1)
         torch.nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
         start = time.perf_counter()
@@ -91,8 +106,9 @@ def vgg_series(args):
         seconds = time.perf_counter() - start
         total += seconds
         errs = ", ".join(f"{r.rel_error:.4f}" for r in results)
-        print(f"| {i + 1} | {c_in}→{c_out} | {seconds:.1f} | {errs} |", flush=True)
-    print(f"\nwhole VGG-16 series: {total:.1f} s ({total / 60:.1f} min)")
+        passes = ", ".join(str(r.iterations) for r in results)
+        print(f"| {i + 1} | {c_in}→{c_out} | {seconds:.1f} | {errs} | {passes} |", flush=True)
+    print(f"\nthese VGG-16 layers' series: {total:.1f} s ({total / 60:.1f} min)")
 
 
 def main():
@@ -108,6 +124,8 @@ def main():
     parser.add_argument("--group-sizes", default=None, help="comma-separated group sizes to run (default all)")
     parser.add_argument("--vgg-series", action="store_true",
                         help="instead of the table, time series() over all 12 VGG-16 layers (first of --methods)")
+    parser.add_argument("--vgg-layers", default=None,
+                        help="with --vgg-series, only these 1-based layers, e.g. 1-7,8 (default all 12)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch threads {args.threads}, oracle OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}, "

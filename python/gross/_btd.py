@@ -94,37 +94,38 @@ def merge(blocks, factor):
     return Blocks(Qu, Kc, Qv)
 
 
-def _update_block(E2, DU, DZ, P_b, blocks, Z, b, sweeps):
+def _update_block(E2, DU, DZ, n, P_b, blocks, Z, b, sweeps):
     """Refit block b to the residual of the others (HOOI sweeps, each factor one warm subspace step).
 
-    The current residual is `E2 + DU @ DZ`: E2 `(C_out, p*C_in)` as it was at the start of the
-    chunk, and DU, DZ the low-rank changes made by the chunk's earlier blocks, so the dense
+    The current residual is `E2 + DU[:, :n] @ DZ[:n]`: E2 `(C_out, p*C_in)` as it was at the start
+    of the chunk, and DU, DZ the low-rank changes made by the chunk's earlier blocks, so the dense
     residual is read once per block (for `E ×_c V_new`) instead of four times. P_b = U_b^T E2 was
-    computed for the whole chunk in one product. Returns this block's change `(U, Z)` pair.
+    computed for the whole chunk in one product. The block's change, +U_b Z_b - U_new Z_new, is
+    appended to DU, DZ in two steps: its old part first, so that the residual with this block added
+    back (what it is refitted to) is just the next longer prefix of the same low-rank sum.
     """
     U, K, V = blocks
-    Ub, Kb, Vb, Zb = U[b], K[b], V[b], Z[b]
+    Ub, Vb = U[b], V[b]
     c_out, pc = E2.shape
-    tb, p, g = Kb.shape
+    tb, p, g = K.shape[1:]
     c_in = pc // p
-    E3 = E2.view(c_out * p, c_in)
-    DZ3 = DZ.reshape(-1, c_in)
-    # Residual with this block added back, seen through U_b (U_b^T U_b = I, so its own part is Z_b).
-    Y1 = (P_b + Zb + (Ub.mT @ DU) @ DZ).reshape(tb * p, c_in)
+    DU[:, n:n + tb], DZ[n:n + tb] = Ub, Z[b]
+    DU1, DZ1 = DU[:, :n + tb], DZ[:n + tb]
+    E3, DZ3 = E2.view(c_out * p, c_in), DZ1.reshape(-1, c_in)
+    # Seen through U_b, only the chunk's low-rank changes need adding to the chunk-start projection.
+    Y1 = (P_b + (Ub.mT @ DU1) @ DZ1).reshape(tb * p, c_in)
     Un, Vn = Ub, Vb
     for sweep in range(sweeps):
         Vn = warm_subspace(Y1.mT, Vn)
-        Y2 = ((E3 @ Vn).reshape(c_out, p * g) + DU @ (DZ3 @ Vn).reshape(-1, p * g)
-              + Ub @ (Kb.reshape(tb * p, g) @ (Vb.mT @ Vn)).reshape(tb, p * g))
+        Y2 = (E3 @ Vn).reshape(c_out, p * g) + DU1 @ (DZ3 @ Vn).reshape(-1, p * g)
         Un = warm_subspace(Y2, Un)
         if sweep + 1 < sweeps:
-            Y1 = (Un.mT @ E2 + (Un.mT @ DU) @ DZ + (Un.mT @ Ub) @ Zb).reshape(tb * p, c_in)
+            Y1 = (Un.mT @ E2 + (Un.mT @ DU1) @ DZ1).reshape(tb * p, c_in)
     Kn = (Un.mT @ Y2).reshape(tb, p, g)
     Zn = (Kn.reshape(tb * p, g) @ Vn.mT).reshape(tb, pc)
-    # The residual changes by X_old - X_new (concatenated before U_b, Z_b, views, are overwritten).
-    change = torch.cat([Ub, Un], 1), torch.cat([Zb, -Zn], 0)
+    DU[:, n + tb:n + 2 * tb] = Un
+    torch.neg(Zn, out=DZ[n + tb:n + 2 * tb])
     U[b], K[b], V[b], Z[b] = Un, Kn, Vn, Zn
-    return change
 
 
 def chunk_size(tb):
@@ -217,9 +218,7 @@ def pci(W3, blocks, tol, max_iter, sweeps=1, chunk=None, extrapolate=True):
             b1 = min(nb, b0 + chunk)
             P = (blocks.U[b0:b1].permute(0, 2, 1).reshape(-1, c_out) @ E2).reshape(b1 - b0, tb, -1)
             for b in range(b0, b1):
-                n = 2 * (b - b0) * tb
-                dU, dZ = _update_block(E2, DU[:, :n], DZ[:n], P[b - b0], blocks, Z, b, sweeps)
-                DU[:, n:n + 2 * tb], DZ[n:n + 2 * tb] = dU, dZ
+                _update_block(E2, DU, DZ, 2 * (b - b0) * tb, P[b - b0], blocks, Z, b, sweeps)
             n = 2 * (b1 - b0) * tb
             E2.addmm_(DU[:, :n], DZ[:n])
         err = (torch.linalg.vector_norm(E2) / norm_w).item()
