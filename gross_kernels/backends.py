@@ -9,7 +9,8 @@ import torch
 from . import _extension, reference
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
-# What `auto` runs on the CPU: the reference kernels on channels-last tensors (not a public name).
+# What `auto` runs on the CPU: the reference kernels, on channels-last tensors where that is faster
+# (not a public name).
 CPU_AUTO = "reference:channels_last"
 
 
@@ -81,32 +82,47 @@ def _with_fused_cuda_bottleneck(backend):
     return backend
 
 
+def _gains_from_channels_last(x: torch.Tensor) -> bool:
+    """Whether oneDNN runs this layer faster on channels-last tensors, conversions included.
+
+    Measured on the paper's layers (bench/RESULTS.md, "Ops benchmark (CPU)"): a clear gain where
+    an image has at least as many pixels as channels (16×16 with 32 or 128 channels), none or a
+    small loss on the small deep layers (8×8 with 256 channels and below).
+    """
+    return x.shape[2] * x.shape[3] >= x.shape[1]
+
+
 def _in_channels_last(backend):
-    """The backend's bottleneck run on channels-last tensors; outputs and activations stay so.
+    """The backend's bottleneck run on channels-last tensors where that is faster.
 
     oneDNN's CPU convolutions work in a channels-last (nhwc) layout: handed NCHW tensors, they
     reorder every input and output. Converting x (and the incoming gradient) once lets the three
-    convolutions and their backward run without those reorders (bench/RESULTS.md, "Ops benchmark").
+    convolutions and their backward run without those reorders. The saved activations u, z then
+    stay channels-last (`activation_layout`, read by the ops' fake kernels).
     """
     def channels_last(t):
         return t.contiguous(memory_format=torch.channels_last)
 
+    def activation_layout(x):
+        return torch.channels_last if _gains_from_channels_last(x) else None
+
     def forward_saving(x, *args):
-        return backend.bottleneck_forward_saving(channels_last(x), *args)
+        x = channels_last(x) if _gains_from_channels_last(x) else x
+        return backend.bottleneck_forward_saving(x, *args)
 
     def forward(x, *args):
-        return backend.bottleneck_forward(channels_last(x), *args)
+        return forward_saving(x, *args)[0]
 
     def backward(grad_y, x, *args, activations=None):
-        return backend.bottleneck_backward(channels_last(grad_y), channels_last(x), *args,
-                                           activations=activations)
+        if _gains_from_channels_last(x):
+            grad_y, x = channels_last(grad_y), channels_last(x)
+        return backend.bottleneck_backward(grad_y, x, *args, activations=activations)
 
     return SimpleNamespace(series_forward=backend.series_forward,
                            series_backward_input=backend.series_backward_input,
                            series_backward_weight=backend.series_backward_weight,
                            bottleneck_forward=forward, bottleneck_forward_saving=forward_saving,
-                           bottleneck_backward=backward,
-                           activation_memory_format=torch.channels_last)
+                           bottleneck_backward=backward, activation_layout=activation_layout)
 
 
 @functools.lru_cache(maxsize=None)
@@ -179,7 +195,8 @@ def _auto_choice(device: torch.device, dtype: torch.dtype) -> str:
                 return name
         return "reference"
     # On the CPU, oneDNN's grouped convolution on the summed weight beats our direct C++ loops
-    # on every benchmarked layer shape, and beats itself when fed channels-last float32 tensors
+    # on every benchmarked layer shape, and beats itself on channels-last float32 tensors for
+    # layers with large images
     # (bench/RESULTS.md, "Ops benchmark (CPU)").
     return CPU_AUTO if dtype == torch.float32 else "reference"
 

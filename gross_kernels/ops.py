@@ -108,8 +108,9 @@ def _saves_activations(kernels, save_activations: bool) -> bool:
 
 
 def _activation_layout(kernels, x: Tensor):
-    """Memory format of the saved activations u, z: the backend's own, else x's."""
-    return getattr(kernels, "activation_memory_format", None) or _memory_format(x)
+    """Memory format of the saved activations u, z: the backend's choice for x, else x's."""
+    choose = getattr(kernels, "activation_layout", None)
+    return (choose(x) if choose is not None else None) or _memory_format(x)
 
 
 @torch.library.custom_op("gross::series_bottleneck_conv2d", mutates_args=())
