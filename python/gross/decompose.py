@@ -109,8 +109,9 @@ def btd(weight, group_size, bottleneck=None, tol=1e-5, max_iter=500, init="hosvd
 
     S/G blocks of multilinear rank (G, T·G/S) along (C_in, C_out), spatial dims full.
     `method="pci"`: each pass refits every block in turn to the residual of the others
-    (Gauss-Seidel; `sweeps` warm-started HOOI sweeps per block; each pass's change is
-    extrapolated and kept when it lowers the error). `method="als"`: each pass solves
+    (Gauss-Seidel; `sweeps` HOOI sweeps per block, each factor updated by subspace-iteration steps
+    warm-started from its current bases; each pass's change is extrapolated and kept when it
+    lowers the error; a single block is plain HOOI). `method="als"`: each pass solves
     exactly for all blocks' A, then C, then the cores, with extrapolation; it touches the dense
     weight three times per pass whatever the block count, so it is far cheaper per pass when
     there are many small blocks, but it can stall in swamps where PCI recovers an exact BTD. Both
