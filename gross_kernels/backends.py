@@ -6,12 +6,12 @@ from types import SimpleNamespace
 
 import torch
 
-from . import _extension, reference
+from . import _extension, _validate, folded, reference
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
-# What `auto` runs on the CPU: the reference kernels, on channels-last tensors where that is faster
-# (not a public name).
-CPU_AUTO = "reference:channels_last"
+# What `auto` runs on the CPU (not a public name): the reference kernels, folded into one
+# convolution or on channels-last tensors where either is faster (`_cpu_auto`).
+CPU_AUTO = "reference:cpu_auto"
 
 
 class BackendUnavailableError(RuntimeError):
@@ -92,13 +92,24 @@ def _gains_from_channels_last(x: torch.Tensor) -> bool:
     return x.shape[2] * x.shape[3] >= x.shape[1]
 
 
-def _in_channels_last(backend):
-    """The backend's bottleneck run on channels-last tensors where that is faster.
+def _folds(x, A, cores, C, group_size, stride, padding, dilation) -> bool:
+    """Whether the layer runs as one convolution with the folded weight (see `folded.pays`)."""
+    kernel = tuple(cores[0].shape[2:])
+    out_hw = _validate.output_hw(x.shape[2:], kernel, stride, padding, dilation)
+    return folded.pays(tuple(x.shape), A.shape[0], cores[0].shape[0], C.shape[0], kernel,
+                       group_size, out_hw)
 
-    oneDNN's CPU convolutions work in a channels-last (nhwc) layout: handed NCHW tensors, they
-    reorder every input and output. Converting x (and the incoming gradient) once lets the three
-    convolutions and their backward run without those reorders. The saved activations u, z then
-    stay channels-last (`activation_layout`, read by the ops' fake kernels).
+
+def _cpu_auto(backend):
+    """The CPU's fastest form of the backend's bottleneck, chosen per layer shape.
+
+    A dense core (one group) folds into one convolution where that costs fewer operations
+    (`folded`). Otherwise the three convolutions run on channels-last tensors where that is
+    faster: oneDNN's CPU convolutions work in a channels-last (nhwc) layout and, handed NCHW
+    tensors, reorder every input and output; converting x (and the incoming gradient) once
+    avoids those reorders. The saved activations u, z then stay channels-last
+    (`activation_layout`); the folded form saves none (`keeps_activations`). Both are read by
+    the ops' fake kernels.
     """
     def channels_last(t):
         return t.contiguous(memory_format=torch.channels_last)
@@ -106,14 +117,25 @@ def _in_channels_last(backend):
     def activation_layout(x):
         return torch.channels_last if _gains_from_channels_last(x) else None
 
-    def forward_saving(x, *args):
+    def keeps_activations(x, A, cores, C, group_size, stride, padding, dilation):
+        return not _folds(x, A, cores, C, group_size, stride, padding, dilation)
+
+    def forward_saving(x, A, cores, C, bias, group_sizes, group_size, stride, padding, dilation):
         x = channels_last(x) if _gains_from_channels_last(x) else x
-        return backend.bottleneck_forward_saving(x, *args)
+        return backend.bottleneck_forward_saving(x, A, cores, C, bias, group_sizes, group_size,
+                                                 stride, padding, dilation)
 
-    def forward(x, *args):
-        return forward_saving(x, *args)[0]
+    def forward(x, A, cores, C, bias, group_sizes, group_size, stride, padding, dilation):
+        args = (x, A, cores, C, bias, group_sizes, group_size, stride, padding, dilation)
+        if _folds(x, A, cores, C, group_size, stride, padding, dilation):
+            return folded.bottleneck_forward(*args)
+        return forward_saving(*args)[0]
 
-    def backward(grad_y, x, *args, activations=None):
+    def backward(grad_y, x, A, cores, C, bias, group_sizes, group_size, stride, padding,
+                 dilation, activations=None):
+        args = (A, cores, C, bias, group_sizes, group_size, stride, padding, dilation)
+        if activations is None and _folds(x, A, cores, C, group_size, stride, padding, dilation):
+            return folded.bottleneck_backward(grad_y, x, *args)
         if _gains_from_channels_last(x):
             grad_y, x = channels_last(grad_y), channels_last(x)
         return backend.bottleneck_backward(grad_y, x, *args, activations=activations)
@@ -122,7 +144,8 @@ def _in_channels_last(backend):
                            series_backward_input=backend.series_backward_input,
                            series_backward_weight=backend.series_backward_weight,
                            bottleneck_forward=forward, bottleneck_forward_saving=forward_saving,
-                           bottleneck_backward=backward, activation_layout=activation_layout)
+                           bottleneck_backward=backward, activation_layout=activation_layout,
+                           keeps_activations=keeps_activations)
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,7 +153,7 @@ def _backend(name: str):
     if name == "reference":
         return reference
     if name == CPU_AUTO:
-        return _in_channels_last(reference)
+        return _cpu_auto(reference)
     if name == "triton":
         from . import triton as triton_kernels
         return triton_kernels

@@ -102,9 +102,15 @@ def _summed(tensors, count):
     return total
 
 
-def _saves_activations(kernels, save_activations: bool) -> bool:
-    """Whether the forward keeps u = A·x and z = core(u) for the backward (composite backends)."""
-    return save_activations and hasattr(kernels, "bottleneck_forward_saving")
+def _saves_activations(kernels, save_activations: bool, x, firsts, cores, lasts, group_size,
+                       stride, padding, dilation) -> bool:
+    """Whether the forward keeps u = A·x and z = core(u) for the backward (composite backends;
+    a backend may decide per layer through `keeps_activations`)."""
+    if not (save_activations and hasattr(kernels, "bottleneck_forward_saving")):
+        return False
+    keeps = getattr(kernels, "keeps_activations", None)
+    return keeps is None or keeps(x, firsts[0], cores, lasts[0], group_size, stride, padding,
+                                  dilation)
 
 
 def _activation_layout(kernels, x: Tensor):
@@ -123,7 +129,8 @@ def _bottleneck_op(x: Tensor, firsts: Sequence[Tensor], cores: Sequence[Tensor],
     n = sum(1 for g in group_sizes if g <= group_size)
     args = (x, _summed(firsts, n), list(cores), _summed(lasts, n), bias, tuple(group_sizes),
             group_size, tuple(stride), tuple(padding), tuple(dilation))
-    if _saves_activations(kernels, save_activations):
+    if _saves_activations(kernels, save_activations, x, firsts, cores, lasts, group_size,
+                          tuple(stride), tuple(padding), tuple(dilation)):
         y, u, z = kernels.bottleneck_forward_saving(*args)
         layout = _activation_layout(kernels, x)
         return [y.contiguous(memory_format=_memory_format(x)), u.contiguous(memory_format=layout),
@@ -138,7 +145,8 @@ def _bottleneck_op_fake(x, firsts, cores, lasts, bias, group_sizes, group_size, 
     out_hw = _validate.output_hw(x.shape[2:], (kh, kw), stride, padding, dilation)
     y = _new_output(x, (x.shape[0], lasts[0].shape[0], *out_hw))
     kernels = backends.resolve(backend, x.device, x.dtype)
-    if not _saves_activations(kernels, save_activations):
+    if not _saves_activations(kernels, save_activations, x, firsts, cores, lasts, group_size,
+                              tuple(stride), tuple(padding), tuple(dilation)):
         return [y]
     layout = _activation_layout(kernels, x)
     u = x.new_empty(x.shape[0], firsts[0].shape[0], *x.shape[2:]).contiguous(memory_format=layout)

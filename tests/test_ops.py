@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import gross_kernels as gk
+from gross_kernels import _validate, backends, folded, reference
 from oracle import naive_bottleneck, naive_series_conv
 from series_cases import random_case
 
@@ -222,3 +223,56 @@ def test_available_backends_and_forced_unavailable_backend():
         with pytest.raises(gk.BackendUnavailableError, match="cuda"):
             gk.series_grouped_conv2d(torch.randn(1, 2, 4, 4), [torch.randn(2, 1, 3, 3)], (1,), 1,
                                      backend="cuda")
+
+
+def _dense_core_layer(dtype):
+    """A layer at its one-group size with S = C_in, T = C_out, where folding pays."""
+    gen = torch.Generator().manual_seed(5)
+    C_in, S, T, C_out = 6, 6, 8, 8
+    x = torch.randn(8, C_in, 9, 8, dtype=dtype, generator=gen).requires_grad_()
+    firsts = [torch.randn(S, C_in, 1, 1, dtype=dtype, generator=gen, requires_grad=True)
+              for _ in range(2)]
+    cores = [torch.randn(T, g, 3, 3, dtype=dtype, generator=gen, requires_grad=True)
+             for g in (3, 6)]
+    lasts = [torch.randn(C_out, T, 1, 1, dtype=dtype, generator=gen, requires_grad=True)
+             for _ in range(2)]
+    bias = torch.randn(C_out, dtype=dtype, generator=gen, requires_grad=True)
+    return x, firsts, cores, lasts, bias
+
+
+@pytest.mark.parametrize("geometry", [(1, 1, 1), (2, 1, 1), (1, 2, 2), (2, 0, 1)])
+def test_folded_dense_core_matches_reference_in_float64(geometry):
+    stride, padding, dilation = ((v, v) for v in geometry)
+    x, firsts, cores, lasts, bias = _dense_core_layer(torch.float64)
+    A, C = firsts[0] + firsts[1], lasts[0] + lasts[1]
+    args = (A, cores, C, bias, (3, 6), 6, stride, padding, dilation)
+    out_hw = _validate.output_hw(x.shape[2:], (3, 3), stride, padding, dilation)
+    assert folded.pays(tuple(x.shape), 6, 8, 8, (3, 3), 6, out_hw)
+    with torch.no_grad():
+        y = folded.bottleneck_forward(x, *args)
+        torch.testing.assert_close(y, reference.bottleneck_forward(x, *args), rtol=1e-12,
+                                   atol=1e-12)
+        grad_y = torch.randn_like(y)
+        got = folded.bottleneck_backward(grad_y, x, *args)
+        want = reference.bottleneck_backward(grad_y, x, *args)
+    for g, w in zip(got, want):
+        for a, b in (zip(g, w) if isinstance(g, list) else [(g, w)]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_auto_folds_a_dense_core_and_matches_the_oracle():
+    x, firsts, cores, lasts, bias = _dense_core_layer(torch.float32)
+    args = (firsts, cores, lasts, bias, (3, 6), 6, 1, 1)
+    kernels = backends.resolve("auto", x.device, x.dtype)
+    assert not kernels.keeps_activations(x, firsts[0], cores, lasts[0], 6, (1, 1), (1, 1), (1, 1))
+    y = gk.series_bottleneck_conv2d(x, *args)
+    leaves = [x, *firsts, *cores, *lasts, bias]
+    grad_out = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, grad_out)
+    y_ref = naive_bottleneck(x, *args)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    for g, g_ref in zip(grads, torch.autograd.grad(y_ref, leaves, grad_out)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-3)
+    torch.library.opcheck(torch.ops.gross.series_bottleneck_conv2d.default,
+                          (x, firsts, cores, lasts, bias, [3, 6], 6, [1, 1], [1, 1], [1, 1],
+                           "auto", True))
