@@ -82,14 +82,17 @@ def _with_fused_cuda_bottleneck(backend):
     return backend
 
 
-def _gains_from_channels_last(x: torch.Tensor) -> bool:
+def _gains_from_channels_last(x: torch.Tensor, training: bool) -> bool:
     """Whether oneDNN runs this layer faster on channels-last tensors, conversions included.
 
     Measured on the paper's layers (bench/RESULTS.md, "Ops benchmark (CPU)"): a clear gain where
-    an image has at least as many pixels as channels (16×16 with 32 or 128 channels), none or a
-    small loss on the small deep layers (8×8 with 256 channels and below).
+    an image has at least as many pixels as channels and is large (16×16 with 32 or 128
+    channels), none on the deep small layers (8×8 with 256 channels and below). On small images
+    with few channels (8×8 with 32) a training step gains a little and an inference forward,
+    which pays two conversions for three convolutions, loses a little.
     """
-    return x.shape[2] * x.shape[3] >= x.shape[1]
+    pixels = x.shape[2] * x.shape[3]
+    return pixels >= x.shape[1] and (training or pixels >= 128)
 
 
 def _folds(x, A, cores, C, group_size, stride, padding, dilation) -> bool:
@@ -115,28 +118,28 @@ def _cpu_auto(backend):
         return t.contiguous(memory_format=torch.channels_last)
 
     def activation_layout(x):
-        return torch.channels_last if _gains_from_channels_last(x) else None
+        return torch.channels_last if _gains_from_channels_last(x, training=True) else None
 
     def keeps_activations(x, A, cores, C, group_size, stride, padding, dilation):
         return not _folds(x, A, cores, C, group_size, stride, padding, dilation)
 
-    def forward_saving(x, A, cores, C, bias, group_sizes, group_size, stride, padding, dilation):
-        x = channels_last(x) if _gains_from_channels_last(x) else x
-        return backend.bottleneck_forward_saving(x, A, cores, C, bias, group_sizes, group_size,
-                                                 stride, padding, dilation)
+    def forward_saving(x, *args):
+        x = channels_last(x) if _gains_from_channels_last(x, training=True) else x
+        return backend.bottleneck_forward_saving(x, *args)
 
     def forward(x, A, cores, C, bias, group_sizes, group_size, stride, padding, dilation):
-        args = (x, A, cores, C, bias, group_sizes, group_size, stride, padding, dilation)
+        args = (A, cores, C, bias, group_sizes, group_size, stride, padding, dilation)
         if _folds(x, A, cores, C, group_size, stride, padding, dilation):
-            return folded.bottleneck_forward(*args)
-        return forward_saving(*args)[0]
+            return folded.bottleneck_forward(x, *args)
+        x = channels_last(x) if _gains_from_channels_last(x, training=False) else x
+        return backend.bottleneck_forward(x, *args)
 
     def backward(grad_y, x, A, cores, C, bias, group_sizes, group_size, stride, padding,
                  dilation, activations=None):
         args = (A, cores, C, bias, group_sizes, group_size, stride, padding, dilation)
         if activations is None and _folds(x, A, cores, C, group_size, stride, padding, dilation):
             return folded.bottleneck_backward(grad_y, x, *args)
-        if _gains_from_channels_last(x):
+        if _gains_from_channels_last(x, training=True):
             grad_y, x = channels_last(grad_y), channels_last(x)
         return backend.bottleneck_backward(grad_y, x, *args, activations=activations)
 

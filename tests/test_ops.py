@@ -194,8 +194,8 @@ def test_channels_last_in_channels_last_out(backend):
                                rtol=1e-4, atol=1e-4)
 
 
-# Both sides of auto's channels-last rule on the CPU: more pixels than channels, and fewer.
-@pytest.mark.parametrize("image", [(6, 7, 7), (6, 2, 2)])
+# Every side of auto's channels-last rule on the CPU (training and inference differ on small images).
+@pytest.mark.parametrize("image", [(6, 7, 7), (6, 2, 2), (6, 12, 12)])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
 def test_bottleneck_output_and_input_gradient_follow_x_layout(backend, memory_format, image):
@@ -211,6 +211,10 @@ def test_bottleneck_output_and_input_gradient_follow_x_layout(backend, memory_fo
     assert grads[0].is_contiguous(memory_format=memory_format)
     y_ref = naive_bottleneck(x, *args)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-3)
+    with torch.no_grad():  # the inference forward
+        y_inference = gk.series_bottleneck_conv2d(x, *args, backend=backend)
+    assert y_inference.is_contiguous(memory_format=memory_format)
+    torch.testing.assert_close(y_inference, y_ref, rtol=1e-4, atol=1e-3)
     for g, g_ref in zip(grads, torch.autograd.grad(y_ref, [x, *cores], grad_out)):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-3)
 
