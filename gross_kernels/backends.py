@@ -221,9 +221,8 @@ def _auto_choice(device: torch.device, dtype: torch.dtype) -> str:
                 return name
         return "reference"
     # On the CPU, oneDNN's grouped convolution on the summed weight beats our direct C++ loops
-    # on every benchmarked layer shape, and beats itself on channels-last float32 tensors for
-    # layers with large images
-    # (bench/RESULTS.md, "Ops benchmark (CPU)").
+    # on every benchmarked layer shape; for float32, folding a dense core and channels-last
+    # tensors on large images beat it in turn (bench/RESULTS.md, "Ops benchmark (CPU)").
     return CPU_AUTO if dtype == torch.float32 else "reference"
 
 
