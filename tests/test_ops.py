@@ -280,3 +280,21 @@ def test_auto_folds_a_dense_core_and_matches_the_oracle():
     torch.library.opcheck(torch.ops.gross.series_bottleneck_conv2d.default,
                           (x, firsts, cores, lasts, bias, [3, 6], 6, [1, 1], [1, 1], [1, 1],
                            "auto", True))
+
+
+def test_torch_compile_of_a_folding_layer_matches_eager():
+    layer = gk.SeriesConv2d(8, 8, 3, (2, 4, 8), padding=1)
+    for p in layer.parameters():
+        nn.init.normal_(p, std=0.3)
+    layer.group_size = 8
+    x = torch.randn(4, 8, 12, 12, requires_grad=True)
+    kernels = backends.resolve("auto", x.device, x.dtype)
+    assert not kernels.keeps_activations(x, layer.firsts[0], list(layer.cores), layer.lasts[0], 8,
+                                         (1, 1), (1, 1), (1, 1))
+    eager = layer(x)
+    eager_grads = torch.autograd.grad(eager.square().sum(), [x, *layer.parameters()])
+    out = torch.compile(layer, fullgraph=True)(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for g, ge in zip(grads, eager_grads):
+        torch.testing.assert_close(g, ge, rtol=1e-4, atol=1e-4)
