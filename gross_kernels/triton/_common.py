@@ -81,6 +81,20 @@ def check_index_range(*tensors):
 
 
 @triton.jit
+def input_tap(tap, ho, wo, x_row, m_ok, H, W, sh, sw, ph, pw, dh, dw, sxh, sxw,
+              KW: tl.constexpr):
+    """Where kernel tap `tap` of output pixels (ho, wo) reads its input: (in-image mask, offsets).
+
+    The offsets are x_row + hi·sxh + wi·sxw for the tap's input pixel (hi, wi); padding pixels are
+    masked out, so a masked load reads them as zeros.
+    """
+    hi = ho * sh - ph + tap // KW * dh
+    wi = wo * sw - pw + tap % KW * dw
+    pix_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+    return pix_ok, x_row + hi * sxh + wi * sxw
+
+
+@triton.jit
 def _term_weight(acc, w_ptr, g, o, c, tap, T, S, KK: tl.constexpr, mask):
     """Add one term's weight at (out channel o, global in channel c, tap) where c lies in o's g-block."""
     tg = (g * T) // S

@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from . import series
-from ._common import autotune, check_index_range, dot_precision, pack_terms, series_weight
+from ._common import (autotune, check_index_range, dot_precision, input_tap, pack_terms,
+                      series_weight)
 
 MAX_FUSED_WIDTH = 128
 
@@ -80,12 +81,8 @@ def _fused_forward_kernel(x_ptr, a_ptr, c_ptr, b_ptr, y_ptr,
     x_row = n * sxn  # int32 offsets: launchers refuse tensors of 2**31 elements or more
     z = tl.zeros((BM, TP), tl.float32)
     for tap in range(KH * KW):  # one loop: nested tap loops cost registers
-        kh = tap // KW
-        kw = tap % KW
-        hi = ho * sh - ph + kh * dh
-        wi = wo * sw - pw + kw * dw
-        pix_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-        pix = x_row + hi * sxh + wi * sxw
+        pix_ok, pix = input_tap(tap, ho, wo, x_row, m_ok, H, W, sh, sw, ph, pw, dh, dw, sxh, sxw,
+                                KW)
         for s0 in range(0, S, BS):
             s_idx = s0 + tl.arange(0, BS)
             s_ok = s_idx < S

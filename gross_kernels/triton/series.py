@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (MAX_TERMS, autotune, check_index_range, dot_precision, pack_terms,
+from ._common import (MAX_TERMS, autotune, check_index_range, dot_precision, input_tap, pack_terms,
                       series_weight)
 
 _SHAPE_KEY = ["N", "H", "W", "S", "T", "G", "NT", "KH", "KW", "sh", "sw"]
@@ -99,12 +99,8 @@ def _forward_kernel(x_ptr, z_ptr, b_ptr,
             acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=PREC)
     else:
         for tap in range(KH * KW):  # one loop: nested tap loops cost registers
-            kh = tap // KW
-            kw = tap % KW
-            hi = ho * sh - ph + kh * dh
-            wi = wo * sw - pw + kw * dw
-            pix_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            pix = x_row + hi * sxh + wi * sxw
+            pix_ok, pix = input_tap(tap, ho, wo, x_row, m_ok, H, W, sh, sw, ph, pw, dh, dw, sxh,
+                                    sxw, KW)
             for c0 in range(0, G, BK):
                 c_loc = c0 + tl.arange(0, BK)
                 c_ok = c_loc < G
