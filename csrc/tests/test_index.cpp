@@ -141,32 +141,39 @@ idx::ConvGeom geom_of(const int* g) {
   return idx::make_geom(g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13]);
 }
 
-// grid (M tiles, N tiles, groups * splits), THREADS threads, phases separated by barriers. Shared
-// tiles are poisoned with NaN before every load so an entry the load phase skips shows up.
-template <class Cfg, class P>
-void emulate_gemm(const P& p, int groups, int splits) {
-  std::vector<float> sA(Cfg::SMEM_A), sB(Cfg::SMEM_B);
-  std::unique_ptr<float[][Cfg::TM][Cfg::TN]> acc(new float[Cfg::THREADS][Cfg::TM][Cfg::TN]);
+// Every block of the launch grid (M tiles, N tiles, groups * splits), in turn: calls
+// block(g, split, m0, n0, kr) with the block's group, K split, tile origin and K range.
+template <class Cfg, class P, class Block>
+void for_each_block(const P& p, int groups, int splits, Block block) {
   const int64_t mt = idx::ceil_div(p.M(), Cfg::BM), nt = idx::ceil_div(p.Ncol(), Cfg::BN);
   for (int z = 0; z < groups * splits; ++z)
     for (int64_t bx = 0; bx < mt; ++bx)
       for (int64_t by = 0; by < nt; ++by) {
         const int g = z % groups, split = z / groups;
-        const int64_t m0 = bx * Cfg::BM;
-        const int n0 = static_cast<int>(by) * Cfg::BN;
-        const idx::KRange kr = idx::split_range(p.K(), splits, split, Cfg::BK);
-        std::memset(acc.get(), 0, sizeof(float) * Cfg::THREADS * Cfg::TM * Cfg::TN);
-        for (int64_t k0 = kr.begin; k0 < kr.end; k0 += Cfg::BK) {
-          for (int i = 0; i < Cfg::BK; ++i) {
-            for (int j = 0; j < Cfg::BM; ++j) sA[i * Cfg::LDA + j] = kNaN;
-            for (int j = 0; j < Cfg::BN; ++j) sB[i * Cfg::LDB + j] = kNaN;
-          }
-          for (int tid = 0; tid < Cfg::THREADS; ++tid)
-            gemm::load_tiles<Cfg>(p, sA.data(), sB.data(), tid, g, m0, n0, k0, kr.end);
-          for (int tid = 0; tid < Cfg::THREADS; ++tid) gemm::mma_tile<Cfg>(sA.data(), sB.data(), acc[tid], tid);
-        }
-        for (int tid = 0; tid < Cfg::THREADS; ++tid) gemm::store_tile<Cfg>(p, acc[tid], tid, g, split, m0, n0);
+        block(g, split, bx * Cfg::BM, static_cast<int>(by) * Cfg::BN,
+              idx::split_range(p.K(), splits, split, Cfg::BK));
       }
+}
+
+// THREADS threads per block, phases separated by barriers. Shared tiles are poisoned with NaN
+// before every load so an entry the load phase skips shows up.
+template <class Cfg, class P>
+void emulate_gemm(const P& p, int groups, int splits) {
+  std::vector<float> sA(Cfg::SMEM_A), sB(Cfg::SMEM_B);
+  std::unique_ptr<float[][Cfg::TM][Cfg::TN]> acc(new float[Cfg::THREADS][Cfg::TM][Cfg::TN]);
+  for_each_block<Cfg>(p, groups, splits, [&](int g, int split, int64_t m0, int n0, idx::KRange kr) {
+    std::memset(acc.get(), 0, sizeof(float) * Cfg::THREADS * Cfg::TM * Cfg::TN);
+    for (int64_t k0 = kr.begin; k0 < kr.end; k0 += Cfg::BK) {
+      for (int i = 0; i < Cfg::BK; ++i) {
+        for (int j = 0; j < Cfg::BM; ++j) sA[i * Cfg::LDA + j] = kNaN;
+        for (int j = 0; j < Cfg::BN; ++j) sB[i * Cfg::LDB + j] = kNaN;
+      }
+      for (int tid = 0; tid < Cfg::THREADS; ++tid)
+        gemm::load_tiles<Cfg>(p, sA.data(), sB.data(), tid, g, m0, n0, k0, kr.end);
+      for (int tid = 0; tid < Cfg::THREADS; ++tid) gemm::mma_tile<Cfg>(sA.data(), sB.data(), acc[tid], tid);
+    }
+    for (int tid = 0; tid < Cfg::THREADS; ++tid) gemm::store_tile<Cfg>(p, acc[tid], tid, g, split, m0, n0);
+  });
 }
 
 // The tensor-core block: the same load / gather / store phases, with each warp's WMMA products
@@ -178,46 +185,39 @@ void emulate_gemm_tc(const P& p, int groups, int splits) {
   constexpr int F = gemm::kFrag;
   std::vector<float> sA(Cfg::SMEM_A), sB(Cfg::SMEM_B), sC(Cfg::BM * L::LDC);
   std::vector<float> frag(L::WARPS * L::PER_WARP * F * F);
-  const int64_t mt = idx::ceil_div(p.M(), Cfg::BM), nt = idx::ceil_div(p.Ncol(), Cfg::BN);
-  for (int z = 0; z < groups * splits; ++z)
-    for (int64_t bx = 0; bx < mt; ++bx)
-      for (int64_t by = 0; by < nt; ++by) {
-        const int g = z % groups, split = z / groups;
-        const int64_t m0 = bx * Cfg::BM;
-        const int n0 = static_cast<int>(by) * Cfg::BN;
-        const idx::KRange kr = idx::split_range(p.K(), splits, split, Cfg::BK);
-        std::fill(frag.begin(), frag.end(), 0.0f);
-        for (int64_t k0 = kr.begin; k0 < kr.end; k0 += Cfg::BK) {
-          std::fill(sA.begin(), sA.end(), kNaN);
-          std::fill(sB.begin(), sB.end(), kNaN);
-          for (int tid = 0; tid < Cfg::THREADS; ++tid)
-            gemm::load_tiles<Cfg>(p, sA.data(), sB.data(), tid, g, m0, n0, k0, kr.end);
-          for (int warp = 0; warp < L::WARPS; ++warp)
-            for (int w = 0; w < L::PER_WARP; ++w) {
-              int r0, c0;
-              gemm::tc_subtile<Cfg>(warp, w, r0, c0);
-              float* c = frag.data() + (warp * L::PER_WARP + w) * F * F;
-              for (int r = 0; r < F; ++r)
-                for (int cc = 0; cc < F; ++cc)
-                  for (int k = 0; k < F; ++k)
-                    c[r * F + cc] += sA[r0 + r + k * Cfg::LDA] * sB[c0 + k * Cfg::LDB + cc];
-            }
+  for_each_block<Cfg>(p, groups, splits, [&](int g, int split, int64_t m0, int n0, idx::KRange kr) {
+    std::fill(frag.begin(), frag.end(), 0.0f);
+    for (int64_t k0 = kr.begin; k0 < kr.end; k0 += Cfg::BK) {
+      std::fill(sA.begin(), sA.end(), kNaN);
+      std::fill(sB.begin(), sB.end(), kNaN);
+      for (int tid = 0; tid < Cfg::THREADS; ++tid)
+        gemm::load_tiles<Cfg>(p, sA.data(), sB.data(), tid, g, m0, n0, k0, kr.end);
+      for (int warp = 0; warp < L::WARPS; ++warp)
+        for (int w = 0; w < L::PER_WARP; ++w) {
+          int r0, c0;
+          gemm::tc_subtile<Cfg>(warp, w, r0, c0);
+          float* c = frag.data() + (warp * L::PER_WARP + w) * F * F;
+          for (int r = 0; r < F; ++r)
+            for (int cc = 0; cc < F; ++cc)
+              for (int k = 0; k < F; ++k)
+                c[r * F + cc] += sA[r0 + r + k * Cfg::LDA] * sB[c0 + k * Cfg::LDB + cc];
         }
-        std::fill(sC.begin(), sC.end(), kNaN);
-        for (int warp = 0; warp < L::WARPS; ++warp)
-          for (int w = 0; w < L::PER_WARP; ++w) {
-            int r0, c0;
-            gemm::tc_subtile<Cfg>(warp, w, r0, c0);
-            const float* c = frag.data() + (warp * L::PER_WARP + w) * F * F;
-            for (int r = 0; r < F; ++r)
-              for (int cc = 0; cc < F; ++cc) sC[(r0 + r) * L::LDC + c0 + cc] = c[r * F + cc];
-          }
-        for (int tid = 0; tid < Cfg::THREADS; ++tid) {
-          float acc[Cfg::TM][Cfg::TN];
-          gemm::gather_acc<Cfg>(sC.data(), acc, tid);
-          gemm::store_tile<Cfg>(p, acc, tid, g, split, m0, n0);
-        }
+    }
+    std::fill(sC.begin(), sC.end(), kNaN);
+    for (int warp = 0; warp < L::WARPS; ++warp)
+      for (int w = 0; w < L::PER_WARP; ++w) {
+        int r0, c0;
+        gemm::tc_subtile<Cfg>(warp, w, r0, c0);
+        const float* c = frag.data() + (warp * L::PER_WARP + w) * F * F;
+        for (int r = 0; r < F; ++r)
+          for (int cc = 0; cc < F; ++cc) sC[(r0 + r) * L::LDC + c0 + cc] = c[r * F + cc];
       }
+    for (int tid = 0; tid < Cfg::THREADS; ++tid) {
+      float acc[Cfg::TM][Cfg::TN];
+      gemm::gather_acc<Cfg>(sC.data(), acc, tid);
+      gemm::store_tile<Cfg>(p, acc, tid, g, split, m0, n0);
+    }
+  });
 }
 
 // Variant: 0 = direct path, 1/2/3 = GEMM with TileN16/32/64, 4/5/6 = tensor-core TcN16/32/64.
