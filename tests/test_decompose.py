@@ -93,6 +93,7 @@ def test_warm_start_from_finer_is_no_worse_than_its_start(method):
     (dict(weight=torch.randn(8, 8, 3, 3), group_size=2, init="svd"), ValueError, "init"),
     (dict(weight=torch.randn(8, 8, 3, 3), group_size=2, method="cp"), ValueError, "method"),
     (dict(weight=[[1.0]], group_size=1), TypeError, "weight"),
+    (dict(weight=torch.randn(8, 8, 3, 3), group_size=2, work_dtype=torch.float16), ValueError, "work_dtype"),
 ])
 def test_btd_bad_input(kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -248,3 +249,15 @@ def test_warm_subspace_passes_never_raise_the_error():
     W3 = torch.randn(20, 9, 14, dtype=F64)
     errors = [_btd.pci(W3, _btd.hosvd_init(W3, 7, 2, 2), 0.0, n, extrapolate=False)[1] for n in range(1, 9)]
     assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:])), errors
+
+
+def test_float32_work_precision_matches_float64():
+    # PCI's passes run in float32 by default; the final error (computed in float64 from factors
+    # re-orthonormalised in float64) must match the float64 iteration's to float32 rounding.
+    W = torch.randn(32, 16, 3, 3, dtype=F64)
+    fast, exact = (btd(W, 4, 16, tol=1e-6, work_dtype=dt) for dt in (torch.float32, torch.float64))
+    assert fast.rel_error == pytest.approx(exact.rel_error, rel=1e-4)
+    assert abs(fast.iterations - exact.iterations) <= 0.1 * exact.iterations + 2
+    assert _rel(reconstruct(*fast), W) == pytest.approx(fast.rel_error, rel=1e-9)
+    A = fast.A.reshape(4, 4, 16)  # per block: its 4 rows of A, orthonormal in float64
+    assert torch.allclose(A @ A.mT, torch.eye(4, dtype=F64).expand(4, 4, 4), atol=1e-12)
