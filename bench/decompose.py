@@ -9,6 +9,7 @@ its measured per-iteration time × the most passes any of our methods needed (ma
 method of ours (--methods), against the same oracle run. Prints a Markdown table.
 
     python bench/decompose.py [--quick] [--oracle-max-seconds 60] [--threads 2] [--methods pci,als]
+                              [--work-dtype float64]
     python bench/decompose.py --vgg-series [--methods als] [--vgg-layers 1-7]   # the VGG-16 CIFAR series
 """
 import os
@@ -58,7 +59,8 @@ def run_rows(c_out, c_in, G, kind, args):
     ours = {}
     for method in args.methods.split(","):
         start = time.perf_counter()
-        res = btd(W, G, (S, T), tol=args.tol, max_iter=args.max_iter, method=method)
+        res = btd(W, G, (S, T), tol=args.tol, max_iter=args.max_iter, method=method,
+                  work_dtype=getattr(torch, args.work_dtype))
         ours[method] = (res, time.perf_counter() - start)
     oracle = pci(W.numpy(), G, (S, T), tol=args.tol, max_iter=args.max_iter,
                  max_seconds=args.oracle_max_seconds)
@@ -102,7 +104,8 @@ def vgg_series(args):
         torch.nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
         start = time.perf_counter()
         _, results = series(conv, [1, 4, 16, 32], tol=args.tol, max_iter=args.max_iter,
-                            method=args.methods.split(",")[0], return_results=True)
+                            method=args.methods.split(",")[0], return_results=True,
+                            work_dtype=getattr(torch, args.work_dtype))
         seconds = time.perf_counter() - start
         total += seconds
         errs = ", ".join(f"{r.rel_error:.4f}" for r in results)
@@ -120,6 +123,8 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="torch threads for our btd")
     parser.add_argument("--kinds", default="random,decay")
     parser.add_argument("--methods", default="pci", help="comma-separated btd methods to time (pci, als)")
+    parser.add_argument("--work-dtype", default="float32", choices=("float32", "float64"),
+                        help="working precision of our PCI passes (btd's work_dtype)")
     parser.add_argument("--only", default=None, help="comma-separated shapes to run, e.g. 64x32,128x128")
     parser.add_argument("--group-sizes", default=None, help="comma-separated group sizes to run (default all)")
     parser.add_argument("--vgg-series", action="store_true",
@@ -128,7 +133,8 @@ def main():
                         help="with --vgg-series, only these 1-based layers, e.g. 1-7,8 (default all 12)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch threads {args.threads}, oracle OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}, "
+    print(f"torch threads {args.threads}, work dtype {args.work_dtype}, "
+          f"oracle OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}, "
           f"tol {args.tol}, max_iter {args.max_iter}, oracle cut at {args.oracle_max_seconds}s", flush=True)
     if args.vgg_series:
         return vgg_series(args)
