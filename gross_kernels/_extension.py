@@ -1,4 +1,5 @@
 """Loads the compiled extension gross_kernels._C (which registers the gross:: C++ ops), if it was built."""
+import functools
 from importlib import import_module
 
 import torch
@@ -23,7 +24,9 @@ def error():
     return _state["error"]
 
 
+@functools.lru_cache(maxsize=None)
 def _has_kernel(op, dispatch_key):
+    # Asked on every CPU call of the ops; the registrations are fixed once the library loaded.
     return torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)
 
 
@@ -35,3 +38,8 @@ def has_cpu_kernels():
 def has_cuda_kernels():
     """Whether the CUDA kernels were compiled into the extension (registered for the CUDA key)."""
     return load() and _has_kernel("gross::series_conv_forward", "CUDA")
+
+
+def has_relayout():
+    """Whether the CPU NCHW <-> channels-last transpose kernel is registered."""
+    return load() and _has_kernel("gross::relayout", "CPU")

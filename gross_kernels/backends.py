@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from . import _extension, _validate, folded, reference
+from . import _extension, _layout, _validate, folded, reference
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
 # What `auto` runs on the CPU (not a public name): the reference kernels, folded into one
@@ -115,7 +115,7 @@ def _cpu_auto(backend):
     the ops' fake kernels.
     """
     def channels_last(t):
-        return t.contiguous(memory_format=torch.channels_last)
+        return _layout.to_memory_format(t, torch.channels_last)
 
     def activation_layout(x):
         return torch.channels_last if _gains_from_channels_last(x, training=True) else None

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _validate, backends
+from . import _layout, _validate, backends
 
 
 def _memory_format(x: Tensor):
@@ -34,7 +34,7 @@ def _series_op(x: Tensor, cores: Sequence[Tensor], group_sizes: Sequence[int], g
     kernels = backends.resolve(backend, x.device, x.dtype)
     z = kernels.series_forward(x, list(cores), tuple(group_sizes), group_size, tuple(stride),
                                tuple(padding), tuple(dilation))
-    return z.contiguous(memory_format=_memory_format(x))
+    return _layout.to_memory_format(z, _memory_format(x))
 
 
 @_series_op.register_fake
@@ -54,11 +54,11 @@ def _series_backward_op(grad: Tensor, x: Tensor, cores: Sequence[Tensor],
     series = (tuple(group_sizes), group_size)
     geometry = (tuple(stride), tuple(padding), tuple(dilation))
     cores = list(cores)
-    grad = grad.contiguous(memory_format=_memory_format(x))
+    grad = _layout.to_memory_format(grad, _memory_format(x))
     out = [x.new_empty(0)]
     if input_grad:
         gx = kernels.series_backward_input(grad, cores, *series, x.shape, *geometry)
-        out[0] = gx.contiguous(memory_format=_memory_format(x))
+        out[0] = _layout.to_memory_format(gx, _memory_format(x))
     if weight_grad:
         active = kernels.series_backward_weight(grad, x, cores, *series, *geometry)
         out += [g.contiguous() for g in active]
@@ -133,9 +133,9 @@ def _bottleneck_op(x: Tensor, firsts: Sequence[Tensor], cores: Sequence[Tensor],
                           tuple(stride), tuple(padding), tuple(dilation)):
         y, u, z = kernels.bottleneck_forward_saving(*args)
         layout = _activation_layout(kernels, x)
-        return [y.contiguous(memory_format=_memory_format(x)), u.contiguous(memory_format=layout),
-                z.contiguous(memory_format=layout)]
-    return [kernels.bottleneck_forward(*args).contiguous(memory_format=_memory_format(x))]
+        return [_layout.to_memory_format(y, _memory_format(x)), _layout.to_memory_format(u, layout),
+                _layout.to_memory_format(z, layout)]
+    return [_layout.to_memory_format(kernels.bottleneck_forward(*args), _memory_format(x))]
 
 
 @_bottleneck_op.register_fake
@@ -168,7 +168,7 @@ def _bottleneck_backward_op(grad: Tensor, x: Tensor, firsts: Sequence[Tensor],
     """
     kernels = backends.resolve(backend, x.device, x.dtype)
     n = sum(1 for g in group_sizes if g <= group_size)
-    grad = grad.contiguous(memory_format=_memory_format(x))
+    grad = _layout.to_memory_format(grad, _memory_format(x))
     args = (grad, x, _summed(firsts, n), list(cores), _summed(lasts, n), bias, tuple(group_sizes),
             group_size, tuple(stride), tuple(padding), tuple(dilation))
     if activations:
@@ -183,7 +183,7 @@ def _bottleneck_backward_op(grad: Tensor, x: Tensor, firsts: Sequence[Tensor],
 
     gA = gA.contiguous()
     gC = gC.contiguous()
-    return ([gx.contiguous(memory_format=_memory_format(x))]
+    return ([_layout.to_memory_format(gx, _memory_format(x))]
             + per_term([gA] + [gA.clone() for _ in range(n - 1)], firsts)
             + per_term(gcores, cores)
             + per_term([gC] + [gC.clone() for _ in range(n - 1)], lasts)

@@ -26,4 +26,7 @@ TORCH_LIBRARY(gross, m) {
   m.def(
       "series_bottleneck_forward(Tensor x, Tensor A, Tensor[] cores, Tensor C, Tensor? bias, "
       "int[] group_sizes, int group_size, int[] stride, int[] padding, int[] dilation) -> Tensor");
+  // A copy of a 4-D x in channels-last (channels_last=True) or NCHW layout, x dense in the other;
+  // implemented for the CPU key (cpu/layout_kernel.cpp).
+  m.def("relayout(Tensor x, bool channels_last) -> Tensor");
 }
