@@ -25,10 +25,34 @@ def _new_output(x: Tensor, shape) -> Tensor:
     return x.new_empty(shape).contiguous(memory_format=_memory_format(x))
 
 
+# The ops are registered through torch.library.Library (schema inferred from the implementation's
+# annotations, one implementation for every device, a fake kernel) with a Python autograd kernel
+# around a torch.autograd.Function: the mechanism `torch.library.custom_op` uses, without its
+# per-call argument flattening and checks, which cost about 0.4 ms per training step of a layer
+# (bench/RESULTS.md).
+_LIB = torch.library.Library("gross", "FRAGMENT")
+
+
+def _define(name, impl, fake):
+    """Register gross::name with `impl` on every device and `fake` for tracing; returns the op."""
+    _LIB.define(name + torch.library.infer_schema(impl, mutates_args=()))
+    _LIB.impl(name, impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"gross::{name}", fake, lib=_LIB)
+    return getattr(torch.ops.gross, name).default
+
+
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _below_autograd():
+    """Dispatch the op's own implementation (the autograd kernel has already run)."""
+    return torch._C._AutoDispatchBelowAutograd()
+
+
 # ---------------------------------------------------------------- series grouped conv ----------
 
-@torch.library.custom_op("gross::series_grouped_conv2d", mutates_args=())
-def _series_op(x: Tensor, cores: Sequence[Tensor], group_sizes: Sequence[int], group_size: int,
+def _series_impl(x: Tensor, cores: Sequence[Tensor], group_sizes: Sequence[int], group_size: int,
                stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                backend: str) -> Tensor:
     kernels = backends.resolve(backend, x.device, x.dtype)
@@ -37,15 +61,13 @@ def _series_op(x: Tensor, cores: Sequence[Tensor], group_sizes: Sequence[int], g
     return _layout.to_memory_format(z, _memory_format(x))
 
 
-@_series_op.register_fake
-def _series_op_fake(x, cores, group_sizes, group_size, stride, padding, dilation, backend):
+def _series_fake(x, cores, group_sizes, group_size, stride, padding, dilation, backend):
     T, _, kh, kw = cores[0].shape
     out_hw = _validate.output_hw(x.shape[2:], (kh, kw), stride, padding, dilation)
     return _new_output(x, (x.shape[0], T, *out_hw))
 
 
-@torch.library.custom_op("gross::series_grouped_conv2d_backward", mutates_args=())
-def _series_backward_op(grad: Tensor, x: Tensor, cores: Sequence[Tensor],
+def _series_backward_impl(grad: Tensor, x: Tensor, cores: Sequence[Tensor],
                         group_sizes: Sequence[int], group_size: int, stride: Sequence[int],
                         padding: Sequence[int], dilation: Sequence[int], backend: str,
                         input_grad: bool, weight_grad: bool) -> list[Tensor]:
@@ -68,7 +90,6 @@ def _series_backward_op(grad: Tensor, x: Tensor, cores: Sequence[Tensor],
     return out
 
 
-@_series_backward_op.register_fake
 def _series_backward_fake(grad, x, cores, group_sizes, group_size, stride, padding, dilation,
                           backend, input_grad, weight_grad):
     out = [_new_output(x, x.shape) if input_grad else x.new_empty(0)]
@@ -76,21 +97,39 @@ def _series_backward_fake(grad, x, cores, group_sizes, group_size, stride, paddi
                   else c.new_empty(0) for c in cores]
 
 
-def _series_setup(ctx, inputs, output):
-    x, cores, group_sizes, group_size, stride, padding, dilation, backend = inputs
-    ctx.save_for_backward(x, *cores)
-    ctx.series_args = (group_sizes, group_size, stride, padding, dilation, backend)
+_series_op = _define("series_grouped_conv2d", _series_impl, _series_fake)
+_series_backward_op = _define("series_grouped_conv2d_backward", _series_backward_impl,
+                              _series_backward_fake)
 
 
-def _series_backward(ctx, grad):
-    x, *cores = ctx.saved_tensors
-    need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[1])  # [1]: one per core
-    grads = _series_backward_op(grad, x, cores, *ctx.series_args, need_x, need_w)
-    return (grads[0] if need_x else None, list(grads[1:]) if need_w else None,
-            None, None, None, None, None, None)
+class _SeriesFunction(torch.autograd.Function):
+    """Autograd of gross::series_grouped_conv2d: the backward op for x and the cores."""
+
+    @staticmethod
+    def forward(ctx, x, series_args, *cores):
+        with _below_autograd():
+            z = _series_op(x, cores, *series_args)
+        ctx.save_for_backward(x, *cores)
+        ctx.series_args = series_args
+        return z
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *cores = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[2:])
+        grads = _series_backward_op(grad, x, cores, *ctx.series_args, need_x, need_w)
+        core_grads = grads[1:] if need_w else [None] * len(cores)
+        return (grads[0] if need_x else None, None, *core_grads)
 
 
-_series_op.register_autograd(_series_backward, setup_context=_series_setup)
+def _series_autograd(x, cores, *series_args):
+    if _wants_grad(x, *cores):
+        return _SeriesFunction.apply(x, series_args, *cores)
+    with _below_autograd():
+        return _series_op(x, cores, *series_args)
+
+
+_LIB.impl("series_grouped_conv2d", _series_autograd, "Autograd")
 
 
 # ---------------------------------------------------------------- bottleneck -------------------
@@ -119,8 +158,7 @@ def _activation_layout(kernels, x: Tensor):
     return (choose(x) if choose is not None else None) or _memory_format(x)
 
 
-@torch.library.custom_op("gross::series_bottleneck_conv2d", mutates_args=())
-def _bottleneck_op(x: Tensor, firsts: Sequence[Tensor], cores: Sequence[Tensor],
+def _bottleneck_impl(x: Tensor, firsts: Sequence[Tensor], cores: Sequence[Tensor],
                    lasts: Sequence[Tensor], bias: Optional[Tensor], group_sizes: Sequence[int],
                    group_size: int, stride: Sequence[int], padding: Sequence[int],
                    dilation: Sequence[int], backend: str, save_activations: bool) -> list[Tensor]:
@@ -138,8 +176,7 @@ def _bottleneck_op(x: Tensor, firsts: Sequence[Tensor], cores: Sequence[Tensor],
     return [_layout.to_memory_format(kernels.bottleneck_forward(*args), _memory_format(x))]
 
 
-@_bottleneck_op.register_fake
-def _bottleneck_op_fake(x, firsts, cores, lasts, bias, group_sizes, group_size, stride, padding,
+def _bottleneck_fake(x, firsts, cores, lasts, bias, group_sizes, group_size, stride, padding,
                         dilation, backend, save_activations):
     kh, kw = cores[0].shape[2:]
     out_hw = _validate.output_hw(x.shape[2:], (kh, kw), stride, padding, dilation)
@@ -154,8 +191,7 @@ def _bottleneck_op_fake(x, firsts, cores, lasts, bias, group_sizes, group_size, 
     return [y, u, z]
 
 
-@torch.library.custom_op("gross::series_bottleneck_conv2d_backward", mutates_args=())
-def _bottleneck_backward_op(grad: Tensor, x: Tensor, firsts: Sequence[Tensor],
+def _bottleneck_backward_impl(grad: Tensor, x: Tensor, firsts: Sequence[Tensor],
                             cores: Sequence[Tensor], lasts: Sequence[Tensor],
                             bias: Optional[Tensor], group_sizes: Sequence[int], group_size: int,
                             stride: Sequence[int], padding: Sequence[int],
@@ -190,7 +226,6 @@ def _bottleneck_backward_op(grad: Tensor, x: Tensor, firsts: Sequence[Tensor],
             + [gbias.contiguous() if bias is not None else x.new_empty(0)])
 
 
-@_bottleneck_backward_op.register_fake
 def _bottleneck_backward_fake(grad, x, firsts, cores, lasts, bias, group_sizes, group_size,
                               stride, padding, dilation, backend, activations):
     like = [torch.empty_like(p, memory_format=torch.contiguous_format)
@@ -199,37 +234,50 @@ def _bottleneck_backward_fake(grad, x, firsts, cores, lasts, bias, group_sizes, 
             + [torch.empty_like(bias) if bias is not None else x.new_empty(0)])
 
 
-def _bottleneck_setup(ctx, inputs, output):
-    x, firsts, cores, lasts, bias, *rest = inputs
-    ctx.num_terms = len(cores)
-    ctx.has_bias = bias is not None
-    activations = list(output[1:])  # [u, z] when the forward kept them
-    # u and z are never used outside the op: without this, autograd would hand the backward
-    # freshly zero-filled gradients of their (full activation) size on every step.
-    ctx.set_materialize_grads(False)
-    ctx.num_activations = len(activations)
-    ctx.save_for_backward(x, *firsts, *cores, *lasts, *([bias] if bias is not None else []),
-                          *activations)
-    ctx.series_args = tuple(rest[:-1])  # without save_activations
+_bottleneck_op = _define("series_bottleneck_conv2d", _bottleneck_impl, _bottleneck_fake)
+_bottleneck_backward_op = _define("series_bottleneck_conv2d_backward", _bottleneck_backward_impl,
+                                  _bottleneck_backward_fake)
 
 
-def _bottleneck_backward(ctx, grads):
-    x, *params = ctx.saved_tensors
-    n = ctx.num_terms
-    firsts, cores, lasts = params[:n], params[n:2 * n], params[2 * n:3 * n]
-    bias = params[3 * n] if ctx.has_bias else None
-    activations = params[len(params) - ctx.num_activations:] if ctx.num_activations else []
-    if grads[0] is None:  # y took no part in the loss: every gradient is zero
-        none = [None] * n
-        return (None, none, none, none) + (None,) * 8
-    grads = _bottleneck_backward_op(grads[0], x, firsts, cores, lasts, bias, *ctx.series_args,
-                                    activations)
-    return (grads[0], list(grads[1:1 + n]), list(grads[1 + n:1 + 2 * n]),
-            list(grads[1 + 2 * n:1 + 3 * n]), grads[-1] if ctx.has_bias else None,
-            None, None, None, None, None, None, None)
+class _BottleneckFunction(torch.autograd.Function):
+    """Autograd of gross::series_bottleneck_conv2d: y differentiable, the activations u, z not."""
+
+    @staticmethod
+    def forward(ctx, x, bias, series_args, *params):
+        n = len(params) // 3
+        firsts, cores, lasts = params[:n], params[n:2 * n], params[2 * n:]
+        with _below_autograd():
+            out = _bottleneck_op(x, firsts, cores, lasts, bias, *series_args)
+        activations = out[1:]  # [u, z] when the forward kept them
+        ctx.mark_non_differentiable(*activations)
+        # u and z are never used outside the op: without this, autograd would hand the backward
+        # freshly zero-filled gradients of their (full activation) size on every step.
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, bias, *params, *activations)
+        ctx.num_terms = n
+        ctx.series_args = series_args[:-1]  # without save_activations
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, grad_y, *unused_activation_grads):
+        x, bias, *rest = ctx.saved_tensors
+        n = ctx.num_terms
+        params, activations = rest[:3 * n], rest[3 * n:]
+        if grad_y is None:  # y took no part in the loss: every gradient is zero
+            return (None, None, None) + (None,) * (3 * n)
+        grads = _bottleneck_backward_op(grad_y, x, params[:n], params[n:2 * n], params[2 * n:],
+                                        bias, *ctx.series_args, activations)
+        return (grads[0], grads[-1] if bias is not None else None, None, *grads[1:1 + 3 * n])
 
 
-_bottleneck_op.register_autograd(_bottleneck_backward, setup_context=_bottleneck_setup)
+def _bottleneck_autograd(x, firsts, cores, lasts, bias, *series_args):
+    if _wants_grad(x, *firsts, *cores, *lasts, bias):
+        return list(_BottleneckFunction.apply(x, bias, series_args, *firsts, *cores, *lasts))
+    with _below_autograd():
+        return _bottleneck_op(x, firsts, cores, lasts, bias, *series_args)
+
+
+_LIB.impl("series_bottleneck_conv2d", _bottleneck_autograd, "Autograd")
 
 
 # ---------------------------------------------------------------- public API -------------------
