@@ -82,17 +82,20 @@ def _with_fused_cuda_bottleneck(backend):
     return backend
 
 
-def _gains_from_channels_last(x: torch.Tensor, training: bool) -> bool:
+def _gains_from_channels_last(x: torch.Tensor, group_size: int, training: bool) -> bool:
     """Whether oneDNN runs this layer faster on channels-last tensors, conversions included.
 
-    Measured on the paper's layers (bench/RESULTS.md, "Ops benchmark (CPU)"): a clear gain where
-    an image has at least as many pixels as channels and is large (16×16 with 32 or 128
-    channels), none on the deep small layers (8×8 with 256 channels and below). On small images
-    with few channels (8×8 with 32) a training step gains a little and an inference forward,
-    which pays two conversions for three convolutions, loses a little.
+    Measured on the paper's layers (bench/RESULTS.md, "Ops benchmark (CPU)"), conversions by
+    `gross::relayout`. A training step (five conversions for six convolution passes) gains on
+    images of 8×8 and up, with a depthwise core (group size 1) at any size, and with at most 64
+    channels; it loses 3-10 % on the deep 4×4 and 2×2 layers with 512 channels and a grouped core.
+    An inference forward (two conversions for three convolutions) gains only on large images
+    with at least as many pixels as channels (16×16 with 32 or 128 channels).
     """
     pixels = x.shape[2] * x.shape[3]
-    return pixels >= x.shape[1] and (training or pixels >= 128)
+    if training:
+        return pixels >= 64 or group_size == 1 or x.shape[1] <= 64
+    return pixels >= x.shape[1] and pixels >= 128
 
 
 def _folds(x, A, cores, C, group_size, stride, padding, dilation) -> bool:
@@ -117,21 +120,22 @@ def _cpu_auto(backend):
     def channels_last(t):
         return _layout.to_memory_format(t, torch.channels_last)
 
-    def activation_layout(x):
-        return torch.channels_last if _gains_from_channels_last(x, training=True) else None
+    def activation_layout(x, group_size):
+        return torch.channels_last if _gains_from_channels_last(x, group_size, training=True) else None
 
     def keeps_activations(x, A, cores, C, group_size, stride, padding, dilation):
         return not _folds(x, A, cores, C, group_size, stride, padding, dilation)
 
-    def forward_saving(x, *args):
-        x = channels_last(x) if _gains_from_channels_last(x, training=True) else x
-        return backend.bottleneck_forward_saving(x, *args)
+    def forward_saving(x, A, cores, C, bias, group_sizes, group_size, *geometry):
+        x = channels_last(x) if _gains_from_channels_last(x, group_size, training=True) else x
+        return backend.bottleneck_forward_saving(x, A, cores, C, bias, group_sizes, group_size,
+                                                 *geometry)
 
     def forward(x, A, cores, C, bias, group_sizes, group_size, stride, padding, dilation):
         args = (A, cores, C, bias, group_sizes, group_size, stride, padding, dilation)
         if _folds(x, A, cores, C, group_size, stride, padding, dilation):
             return folded.bottleneck_forward(x, *args)
-        x = channels_last(x) if _gains_from_channels_last(x, training=False) else x
+        x = channels_last(x) if _gains_from_channels_last(x, group_size, training=False) else x
         return backend.bottleneck_forward(x, *args)
 
     def backward(grad_y, x, A, cores, C, bias, group_sizes, group_size, stride, padding,
@@ -139,7 +143,7 @@ def _cpu_auto(backend):
         args = (A, cores, C, bias, group_sizes, group_size, stride, padding, dilation)
         if activations is None and _folds(x, A, cores, C, group_size, stride, padding, dilation):
             return folded.bottleneck_backward(grad_y, x, *args)
-        if _gains_from_channels_last(x, training=True):
+        if _gains_from_channels_last(x, group_size, training=True):
             grad_y, x = channels_last(grad_y), channels_last(x)
         return backend.bottleneck_backward(grad_y, x, *args, activations=activations)
 

@@ -53,8 +53,8 @@ def _below_autograd():
 # ---------------------------------------------------------------- series grouped conv ----------
 
 def _series_impl(x: Tensor, cores: Sequence[Tensor], group_sizes: Sequence[int], group_size: int,
-               stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-               backend: str) -> Tensor:
+                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                 backend: str) -> Tensor:
     kernels = backends.resolve(backend, x.device, x.dtype)
     z = kernels.series_forward(x, list(cores), tuple(group_sizes), group_size, tuple(stride),
                                tuple(padding), tuple(dilation))
@@ -68,9 +68,9 @@ def _series_fake(x, cores, group_sizes, group_size, stride, padding, dilation, b
 
 
 def _series_backward_impl(grad: Tensor, x: Tensor, cores: Sequence[Tensor],
-                        group_sizes: Sequence[int], group_size: int, stride: Sequence[int],
-                        padding: Sequence[int], dilation: Sequence[int], backend: str,
-                        input_grad: bool, weight_grad: bool) -> list[Tensor]:
+                          group_sizes: Sequence[int], group_size: int, stride: Sequence[int],
+                          padding: Sequence[int], dilation: Sequence[int], backend: str,
+                          input_grad: bool, weight_grad: bool) -> list[Tensor]:
     """[grad_x or empty, grad of every core (zeros for inactive terms) or empties]."""
     kernels = backends.resolve(backend, x.device, x.dtype)
     series = (tuple(group_sizes), group_size)
@@ -152,16 +152,16 @@ def _saves_activations(kernels, save_activations: bool, x, firsts, cores, lasts,
                                   dilation)
 
 
-def _activation_layout(kernels, x: Tensor):
-    """Memory format of the saved activations u, z: the backend's choice for x, else x's."""
+def _activation_layout(kernels, x: Tensor, group_size: int):
+    """Memory format of the saved activations u, z: the backend's choice for the layer, else x's."""
     choose = getattr(kernels, "activation_layout", None)
-    return (choose(x) if choose is not None else None) or _memory_format(x)
+    return (choose(x, group_size) if choose is not None else None) or _memory_format(x)
 
 
 def _bottleneck_impl(x: Tensor, firsts: Sequence[Tensor], cores: Sequence[Tensor],
-                   lasts: Sequence[Tensor], bias: Optional[Tensor], group_sizes: Sequence[int],
-                   group_size: int, stride: Sequence[int], padding: Sequence[int],
-                   dilation: Sequence[int], backend: str, save_activations: bool) -> list[Tensor]:
+                     lasts: Sequence[Tensor], bias: Optional[Tensor], group_sizes: Sequence[int],
+                     group_size: int, stride: Sequence[int], padding: Sequence[int],
+                     dilation: Sequence[int], backend: str, save_activations: bool) -> list[Tensor]:
     """[y], or [y, u, z] when the backend keeps its activations for the backward."""
     kernels = backends.resolve(backend, x.device, x.dtype)
     n = sum(1 for g in group_sizes if g <= group_size)
@@ -170,14 +170,14 @@ def _bottleneck_impl(x: Tensor, firsts: Sequence[Tensor], cores: Sequence[Tensor
     if _saves_activations(kernels, save_activations, x, firsts, cores, lasts, group_size,
                           tuple(stride), tuple(padding), tuple(dilation)):
         y, u, z = kernels.bottleneck_forward_saving(*args)
-        layout = _activation_layout(kernels, x)
+        layout = _activation_layout(kernels, x, group_size)
         return [_layout.to_memory_format(y, _memory_format(x)), _layout.to_memory_format(u, layout),
                 _layout.to_memory_format(z, layout)]
     return [_layout.to_memory_format(kernels.bottleneck_forward(*args), _memory_format(x))]
 
 
 def _bottleneck_fake(x, firsts, cores, lasts, bias, group_sizes, group_size, stride, padding,
-                        dilation, backend, save_activations):
+                     dilation, backend, save_activations):
     kh, kw = cores[0].shape[2:]
     out_hw = _validate.output_hw(x.shape[2:], (kh, kw), stride, padding, dilation)
     y = _new_output(x, (x.shape[0], lasts[0].shape[0], *out_hw))
@@ -185,18 +185,18 @@ def _bottleneck_fake(x, firsts, cores, lasts, bias, group_sizes, group_size, str
     if not _saves_activations(kernels, save_activations, x, firsts, cores, lasts, group_size,
                               tuple(stride), tuple(padding), tuple(dilation)):
         return [y]
-    layout = _activation_layout(kernels, x)
+    layout = _activation_layout(kernels, x, group_size)
     u = x.new_empty(x.shape[0], firsts[0].shape[0], *x.shape[2:]).contiguous(memory_format=layout)
     z = x.new_empty(x.shape[0], cores[0].shape[0], *out_hw).contiguous(memory_format=layout)
     return [y, u, z]
 
 
 def _bottleneck_backward_impl(grad: Tensor, x: Tensor, firsts: Sequence[Tensor],
-                            cores: Sequence[Tensor], lasts: Sequence[Tensor],
-                            bias: Optional[Tensor], group_sizes: Sequence[int], group_size: int,
-                            stride: Sequence[int], padding: Sequence[int],
-                            dilation: Sequence[int], backend: str,
-                            activations: Sequence[Tensor]) -> list[Tensor]:
+                              cores: Sequence[Tensor], lasts: Sequence[Tensor],
+                              bias: Optional[Tensor], group_sizes: Sequence[int], group_size: int,
+                              stride: Sequence[int], padding: Sequence[int],
+                              dilation: Sequence[int], backend: str,
+                              activations: Sequence[Tensor]) -> list[Tensor]:
     """[grad_x, grads of firsts, grads of cores, grads of lasts, grad_bias (empty if no bias)].
 
     Every active first (last) gets the gradient of the summed A (C); inactive terms get zeros.
