@@ -18,8 +18,8 @@ def to_memory_format(t: Tensor, memory_format: torch.memory_format) -> Tensor:
 
 
 def _relayout_applies(t: Tensor) -> bool:
-    # The kernel copies raw elements: no lazy conjugate / negative views, CPU only.
-    return (t.dim() == 4 and t.device.type == "cpu" and not t.is_conj() and not t.is_neg()
+    # The kernel copies raw real elements (no complex dtypes, no lazy conjugate / negative views).
+    return (t.dim() == 4 and t.device.type == "cpu" and not t.is_complex() and not t.is_neg()
             and _extension.has_relayout())
 
 

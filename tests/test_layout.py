@@ -46,8 +46,10 @@ def test_to_memory_format_falls_back_for_strided_and_non_4d_inputs():
     gen = torch.Generator().manual_seed(3)
     sliced = torch.randn(2, 8, 6, 6, generator=gen)[:, ::2]   # dense in neither layout
     flipped = torch.randn(3, 5, generator=gen).t()
+    complex_ = torch.randn(2, 3, 4, 5, dtype=torch.complex64, generator=gen)
     for t, fmt in [(sliced, torch.channels_last), (sliced, torch.contiguous_format),
-                   (flipped, torch.contiguous_format)]:
+                   (flipped, torch.contiguous_format), (complex_, torch.channels_last),
+                   (complex_.conj(), torch.channels_last)]:
         out = _layout.to_memory_format(t, fmt)
         assert out.is_contiguous(memory_format=fmt) and torch.equal(out, t)
     same = torch.randn(2, 3, 4, 4, generator=gen)
