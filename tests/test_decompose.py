@@ -207,6 +207,39 @@ def test_matches_tensorly_oracle_on_small_shapes():
             oracle["rel_error"], rel=1e-6)
 
 
+def test_greedy_start_is_the_released_pcis_first_passes():
+    # Fresh fits from all-zero blocks are the released PCI itself: its error after each of its
+    # first passes, to rounding, on random weights of three block structures.
+    pytest.importorskip("tensorly")
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    from tensorly_pci import pci
+    from gross import _btd, _greedy
+
+    gen = torch.Generator().manual_seed(11)
+    for c_out, c_in, g in ((20, 16, 2), (24, 12, 3), (16, 8, 8)):
+        W = torch.randn(c_out, c_in, 3, 3, dtype=F64, generator=gen)
+        oracle = pci(W.numpy(), g, (c_in, c_in), tol=0.0, max_iter=3)
+        W3 = W.reshape(c_out, c_in, 9).permute(0, 2, 1).contiguous()
+        nb = c_in // g
+        for passes, expected in enumerate(oracle["errors"], start=1):
+            blocks = _greedy.greedy_init(W3, nb, c_in // nb, g, passes)
+            assert _rel(_btd.reconstruct(blocks), W3) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_auto_init_is_greedy_on_narrow_layers_and_hosvd_on_wide_ones():
+    from gross import _btd, _greedy
+    from gross.decompose import GREEDY_MAX_WIDTHS, GREEDY_PASSES
+
+    W = torch.randn(12, 8, 3, 3, dtype=F64)
+    W3 = W.reshape(12, 8, 9).permute(0, 2, 1).contiguous()
+    greedy = _btd.pci(W3, _greedy.greedy_init(W3, 4, 2, 2, GREEDY_PASSES), 1e-5, 500)[1]
+    hosvd = _btd.pci(W3, _btd.hosvd_init(W3, 4, 2, 2), 1e-5, 500)[1]
+    assert greedy != hosvd  # the two starts are told apart below
+    assert btd(W, 2, 8, work_dtype=F64).rel_error == pytest.approx(greedy, rel=1e-9)
+    assert btd(W, 2, 8, init="hosvd", work_dtype=F64).rel_error == pytest.approx(hosvd, rel=1e-9)
+    assert 12 * 8 <= GREEDY_MAX_WIDTHS < 256 * 256
+
+
 def test_delayed_residual_updates_give_the_same_iterates():
     # Chunks refit blocks against the chunk-start residual plus their predecessors' low-rank
     # changes: exactly Gauss-Seidel, whatever the chunk length (here not dividing the block count).

@@ -11,7 +11,7 @@ import gross_kernels as gk
 from gross_kernels import reference
 from gross_kernels._validate import check_series
 
-from . import _btd
+from . import _btd, _greedy
 
 
 @dataclass
@@ -83,7 +83,7 @@ def _blocks_from_factors(A, B, C, W_shape, S, T):
     """Per-block Tucker-2 form of given factors (an earlier BTD), checking their shapes against W."""
     c_out, c_in, kh, kw = W_shape
     if not (isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor) and isinstance(C, torch.Tensor)):
-        raise TypeError("init must be 'hosvd', a BTDResult or a tuple (A, B, C) of tensors")
+        raise TypeError(f"init must be one of {INITS}, a BTDResult or a tuple (A, B, C) of tensors")
     g = B.shape[1] if B.dim() == 4 else 0
     if A.shape != (S, c_in, 1, 1) or C.shape != (c_out, T, 1, 1) or B.dim() != 4 or B.shape[0] != T:
         raise ValueError(f"init factors have shapes A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}; "
@@ -106,7 +106,28 @@ METHODS = ("pci", "als")
 WORK_DTYPES = (torch.float32, torch.float64)
 
 
-def btd(weight, group_size, bottleneck=None, tol=1e-5, max_iter=500, init="hosvd", method="pci",
+# The greedy start's fresh block fits form each block's Gram matrices of the dense residual, a cost
+# that grows with C_out²·C_in and C_in²·C_out per block: 2.8 s for 128×128 at group size 1 (one
+# thread), where it is a third of the decomposition; on 512×512 layers it would cost minutes.
+GREEDY_MAX_WIDTHS = 128 * 128
+# Passes of fresh fits before PCI. Over the benchmark's 64×32 and 128×128 rows, 3 passes gave
+# lower final errors than the HOSVD start on 15 of 18 rows (1 pass: the released PCI's own first
+# pass, fewer); bench/RESULTS.md, "Decomposition".
+GREEDY_PASSES = 3
+INITS = ("auto", "greedy", "hosvd")
+
+
+def _start(W3, init, n_blocks, tb, g):
+    """PCI's starting blocks for the named `init` (see `btd`)."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, a BTDResult or a tuple (A, B, C), got {init!r}")
+    c_out, _, c_in = W3.shape
+    if init == "greedy" or (init == "auto" and c_out * c_in <= GREEDY_MAX_WIDTHS):
+        return _greedy.greedy_init(W3, n_blocks, tb, g, GREEDY_PASSES)
+    return _btd.hosvd_init(W3, n_blocks, tb, g)
+
+
+def btd(weight, group_size, bottleneck=None, tol=1e-5, max_iter=500, init="auto", method="pci",
         sweeps=1, device=None, work_dtype=torch.float32) -> BTDResult:
     """Block term decomposition of a conv weight `(C_out, C_in, kh, kw)` by principal component iteration.
 
@@ -119,9 +140,12 @@ def btd(weight, group_size, bottleneck=None, tol=1e-5, max_iter=500, init="hosvd
     weight three times per pass whatever the block count, so it is far cheaper per pass when
     there are many small blocks, but it can stall in swamps where PCI recovers an exact BTD. Both
     stop when the relative error changes by at most `tol` over a pass or after `max_iter` passes.
-    `init`: "hosvd" (truncated HOSVD split across the blocks) or an earlier result / `(A, B, C)`
-    at this or a finer group size that divides `group_size` (its blocks are merged exactly, so the
-    start is at least as good as that result). Computes on `device` (default: the weight's) in
+    `init`: "greedy" (three passes of the released PCI from all-zero blocks: each block in turn
+    fitted afresh to the residual of the others; lower minima on most layers, affordable on
+    narrow ones), "hosvd" (truncated HOSVD split across the blocks), "auto" (greedy when
+    C_out·C_in ≤ 128·128, else hosvd), or an earlier result / `(A, B, C)` at this or a finer
+    group size that divides `group_size` (its blocks are merged exactly, so the start is at least
+    as good as that result). Computes on `device` (default: the weight's) in
     float64, except PCI's iteration over several blocks, which runs in `work_dtype` (float32 by
     default: about twice as fast per pass on large layers, with the same passes and final errors
     within a few 1e-6 of float64 on the benchmark's rows; the final error is always computed in
@@ -145,9 +169,7 @@ def btd(weight, group_size, bottleneck=None, tol=1e-5, max_iter=500, init="hosvd
     nb, tb = S // G, T // (S // G)
     W3 = weight.detach().to(dev, torch.float64).reshape(c_out, c_in, kh * kw).permute(0, 2, 1).contiguous()
     if isinstance(init, str):
-        if init != "hosvd":
-            raise ValueError(f"init must be 'hosvd', a BTDResult or a tuple (A, B, C), got {init!r}")
-        blocks = _btd.hosvd_init(W3, nb, tb, G)
+        blocks = _start(W3, init, nb, tb, G)
     else:
         A0, B0, C0 = (t.detach().to(dev) for t in init)
         blocks = _blocks_from_factors(A0, B0, C0, weight.shape, S, T)
@@ -253,7 +275,7 @@ def series(conv, group_sizes, bottleneck=None, tol=1e-5, max_iter=500, method="p
     results, prev = [], None
     with torch.no_grad():
         for j, g in enumerate(sizes):
-            res = btd(W, g, (S, T), tol=tol, max_iter=max_iter, init="hosvd" if prev is None else prev,
+            res = btd(W, g, (S, T), tol=tol, max_iter=max_iter, init="auto" if prev is None else prev,
                       method=method, device=device, work_dtype=work_dtype)
             if prev is None:
                 layer.firsts[j].copy_(res.A)
