@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 import torch
 
 import gross_kernels as gk
+from gross_kernels import backends as gk_backends
 from naive_gross import naive_layer
 
 # (name, batch, C_in, C_out, spatial size, group sizes); bottleneck S = T = C_in, 3x3, pad 1.
@@ -28,6 +29,7 @@ VGG16_CIFAR = [(f"VGG-16 {name}", 64, c, c, hw, (1, 4, 16, 32))
                for name, c, hw in [("conv2_2", 128, 16), ("conv3_2", 256, 8), ("conv4_2", 512, 4),
                                    ("conv5_2", 512, 2)]]
 LAYERS = FOUR_LAYER + VGG16_CIFAR
+STRIDE, PADDING, DILATION = 1, 1, 1
 BACKENDS = ["naive", "reference", "cpp", "auto"]
 
 
@@ -49,9 +51,11 @@ def runner(backend, tensors, group_sizes, group_size, backward):
 
     def layer():
         if backend == "naive":
-            return naive_layer(x, firsts, cores, lasts, bias, group_sizes, group_size, 1, 1, 1)
+            return naive_layer(x, firsts, cores, lasts, bias, group_sizes, group_size, STRIDE,
+                               PADDING, DILATION)
         return gk.series_bottleneck_conv2d(x, firsts, cores, lasts, bias, group_sizes, group_size,
-                                           stride=1, padding=1, dilation=1, backend=backend)
+                                           stride=STRIDE, padding=PADDING, dilation=DILATION,
+                                           backend=backend)
 
     def forward():
         with torch.no_grad():
@@ -105,9 +109,17 @@ def run(repeats, backends, layers, clock):
                        "pass": "fwd+bwd" if backward else "fwd"}
                 fns = {b: runner(b, tensors, group_sizes, group_size, backward) for b in backends}
                 row["ms"] = interleaved_medians(fns, repeats, clock)
+                row["auto_path"] = auto_path(tensors, group_sizes, group_size, backward)
                 rows.append(row)
                 print(format_row(row, backends), flush=True)
     return rows
+
+
+def auto_path(tensors, group_sizes, group_size, backward):
+    """What `auto` ran on this row (where it is "reference", auto/ref can only show noise)."""
+    x, firsts, cores, lasts, _ = tensors
+    return gk_backends.cpu_auto_path(x, firsts[0], cores, lasts[0], group_size, (STRIDE,) * 2,
+                                     (PADDING,) * 2, (DILATION,) * 2, training=backward)
 
 
 def ratio(row, a, b):
@@ -116,7 +128,8 @@ def ratio(row, a, b):
 
 
 def header(backends):
-    cols = ["layer", "N", "G", "pass"] + [f"{b} ms" for b in backends] + ["auto/ref", "auto/naive", "cpp/ref"]
+    cols = (["layer", "N", "G", "pass"] + [f"{b} ms" for b in backends]
+            + ["auto/ref", "auto/naive", "cpp/ref", "auto runs"])
     return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
 
 
@@ -124,7 +137,7 @@ def format_row(row, backends):
     cells = [row["layer"], str(row["batch"]), str(row["group_size"]), row["pass"]]
     cells += [f"{row['ms'][b]:.1f}" for b in backends]
     cells += [f"{ratio(row, 'auto', 'reference'):.2f}", f"{ratio(row, 'auto', 'naive'):.2f}",
-              f"{ratio(row, 'cpp', 'reference'):.2f}"]
+              f"{ratio(row, 'cpp', 'reference'):.2f}", row["auto_path"]]
     return "| " + " | ".join(cells) + " |"
 
 

@@ -106,6 +106,13 @@ def _folds(x, A, cores, C, group_size, stride, padding, dilation) -> bool:
                        group_size, out_hw)
 
 
+def cpu_auto_path(x, A, cores, C, group_size, stride, padding, dilation, training) -> str:
+    """What the CPU `auto` runs for this float32 layer: "folded", "channels-last" or "reference"."""
+    if _folds(x, A, cores, C, group_size, stride, padding, dilation):
+        return "folded"
+    return "channels-last" if _gains_from_channels_last(x, group_size, training) else "reference"
+
+
 def _cpu_auto(backend):
     """The CPU's fastest form of the backend's bottleneck, chosen per layer shape.
 
@@ -133,10 +140,10 @@ def _cpu_auto(backend):
 
     def forward(x, A, cores, C, bias, group_sizes, group_size, stride, padding, dilation):
         args = (A, cores, C, bias, group_sizes, group_size, stride, padding, dilation)
-        if _folds(x, A, cores, C, group_size, stride, padding, dilation):
+        path = cpu_auto_path(x, A, cores, C, group_size, stride, padding, dilation, training=False)
+        if path == "folded":
             return folded.bottleneck_forward(x, *args)
-        x = channels_last(x) if _gains_from_channels_last(x, group_size, training=False) else x
-        return backend.bottleneck_forward(x, *args)
+        return backend.bottleneck_forward(channels_last(x) if path == "channels-last" else x, *args)
 
     def backward(grad_y, x, A, cores, C, bias, group_sizes, group_size, stride, padding,
                  dilation, activations=None):
