@@ -122,7 +122,9 @@ def _start(W3, init, n_blocks, tb, g):
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, a BTDResult or a tuple (A, B, C), got {init!r}")
     c_out, _, c_in = W3.shape
-    if init == "greedy" or (init == "auto" and c_out * c_in <= GREEDY_MAX_WIDTHS):
+    # One block is plain HOOI from the HOSVD, which a fresh fit would only repeat.
+    narrow = c_out * c_in <= GREEDY_MAX_WIDTHS and n_blocks > 1
+    if init == "greedy" or (init == "auto" and narrow):
         return _greedy.greedy_init(W3, n_blocks, tb, g, GREEDY_PASSES)
     return _btd.hosvd_init(W3, n_blocks, tb, g)
 
@@ -143,10 +145,10 @@ def btd(weight, group_size, bottleneck=None, tol=1e-5, max_iter=500, init="auto"
     `init`: "greedy" (three passes of the released PCI from all-zero blocks: each block in turn
     fitted afresh to the residual of the others; lower minima on most layers, affordable on
     narrow ones), "hosvd" (truncated HOSVD split across the blocks), "auto" (greedy when
-    C_out·C_in ≤ 128·128, else hosvd), or an earlier result / `(A, B, C)` at this or a finer
-    group size that divides `group_size` (its blocks are merged exactly, so the start is at least
-    as good as that result). Computes on `device` (default: the weight's) in
-    float64, except PCI's iteration over several blocks, which runs in `work_dtype` (float32 by
+    C_out·C_in ≤ 128·128 and there are several blocks, else hosvd), or an earlier result /
+    `(A, B, C)` at this or a finer group size that divides `group_size` (its blocks are merged
+    exactly, so the start is at least as good as that result). Computes on `device` (default:
+    the weight's) in float64, except PCI's iteration over several blocks, which runs in `work_dtype` (float32 by
     default: about twice as fast per pass on large layers; the same passes and final errors within
     a few 1e-6 of float64 on the benchmark's 64×32 and 128×128 rows, while on VGG-16's series at
     group sizes 16 and 32 the local minimum reached sometimes differs, either way; the final error
