@@ -149,9 +149,12 @@ def _cpu_auto(backend):
     def backward(grad_y, x, A, cores, C, bias, group_sizes, group_size, stride, padding,
                  dilation, activations=None):
         args = (A, cores, C, bias, group_sizes, group_size, stride, padding, dilation)
-        if activations is None and _folds(x, A, cores, C, group_size, stride, padding, dilation):
+        # The folded form kept no activations (`keeps_activations`), so a path of "folded"
+        # always arrives here without them.
+        path = cpu_auto_path(x, A, cores, C, group_size, stride, padding, dilation, training=True)
+        if path == "folded":
             return folded.bottleneck_backward(grad_y, x, *args)
-        if _gains_from_channels_last(x, group_size, training=True):
+        if path == "channels-last":
             grad_y, x = channels_last(grad_y), channels_last(x)
         return backend.bottleneck_backward(grad_y, x, *args, activations=activations)
 
