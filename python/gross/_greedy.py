@@ -40,12 +40,6 @@ def fresh_fit(R3, tb, g, tol=1e-4, max_sweeps=100):
     return U, K.reshape(tb, p, g), V
 
 
-def _block(U, K, V):
-    """One block's reconstruction `(C_out, p, C_in)`."""
-    tb, p, g = K.shape
-    return (U @ (K.reshape(tb * p, g) @ V.mT).reshape(tb, -1)).reshape(U.shape[0], p, V.shape[0])
-
-
 def greedy_init(W3, n_blocks, tb, g, passes):
     """Blocks after `passes` passes of fresh block refits from all-zero blocks (the released PCI)."""
     c_out, p, c_in = W3.shape
@@ -53,9 +47,13 @@ def greedy_init(W3, n_blocks, tb, g, passes):
     K = W3.new_zeros(n_blocks, tb, p, g)
     V = W3.new_zeros(n_blocks, c_in, g)
     residual = W3.clone()
+
+    def block(b):
+        return _btd.reconstruct(_btd.Blocks(U[b:b + 1], K[b:b + 1], V[b:b + 1]))
+
     for _ in range(passes):
         for b in range(n_blocks):
-            residual += _block(U[b], K[b], V[b])  # the residual of the other blocks
+            residual += block(b)  # the residual of the other blocks
             U[b], K[b], V[b] = fresh_fit(residual, tb, g)
-            residual -= _block(U[b], K[b], V[b])
+            residual -= block(b)
     return _btd.Blocks(U, K, V)

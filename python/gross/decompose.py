@@ -111,8 +111,9 @@ WORK_DTYPES = (torch.float32, torch.float64)
 # thread), where it is a third of the decomposition; on 512×512 layers it would cost minutes.
 GREEDY_MAX_WIDTHS = 128 * 128
 # Passes of fresh fits before PCI. Over the benchmark's 64×32 and 128×128 rows, 3 passes gave
-# lower final errors than the HOSVD start on 15 of 18 rows (1 pass: the released PCI's own first
-# pass, fewer); bench/RESULTS.md, "Decomposition".
+# lower final errors than the HOSVD start on 14 of 18 rows (1 pass, the released PCI's own first
+# pass, did worse), and at or below the oracle's on 13 of 16 other 64×32 weights against 9 of 16
+# for the HOSVD start; bench/RESULTS.md, "Decomposition".
 GREEDY_PASSES = 3
 INITS = ("auto", "greedy", "hosvd")
 
@@ -148,12 +149,12 @@ def btd(weight, group_size, bottleneck=None, tol=1e-5, max_iter=500, init="auto"
     C_out·C_in ≤ 128·128 and there are several blocks, else hosvd), or an earlier result /
     `(A, B, C)` at this or a finer group size that divides `group_size` (its blocks are merged
     exactly, so the start is at least as good as that result). Computes on `device` (default:
-    the weight's) in float64, except PCI's iteration over several blocks, which runs in `work_dtype` (float32 by
-    default: about twice as fast per pass on large layers; the same passes and final errors within
-    a few 1e-6 of float64 on the benchmark's 64×32 and 128×128 rows, while on VGG-16's series at
-    group sizes 16 and 32 the local minimum reached sometimes differs, either way; the final error
-    is always computed in float64 from factors re-orthonormalised in float64); returns factors in
-    the weight's dtype and device.
+    the weight's) in float64, except PCI's iteration over several blocks, which runs in
+    `work_dtype` (float32 by default: about twice as fast per pass on large layers; the same
+    passes and final errors within a few 1e-6 of float64 on the benchmark's 64×32 and 128×128
+    rows, while on VGG-16's series at group sizes 16 and 32 the local minimum reached sometimes
+    differs, either way; the final error is always computed in float64 from factors
+    re-orthonormalised in float64); returns factors in the weight's dtype and device.
     """
     _check_weight(weight)
     c_out, c_in, kh, kw = weight.shape
