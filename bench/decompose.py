@@ -10,7 +10,7 @@ method of ours (--methods), against the same oracle run. Prints a Markdown table
 
     python bench/decompose.py [--quick] [--oracle-max-seconds 60] [--threads 2] [--methods pci,als]
                               [--work-dtype float64]
-    python bench/decompose.py --vgg-series [--methods als] [--vgg-layers 1-7]   # the VGG-16 CIFAR series
+    python bench/decompose.py --vgg-series [--jobs 2] [--vgg-layers 1-7]   # the VGG-16 CIFAR series
 """
 import os
 
@@ -27,7 +27,8 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tensorly_pci import pci  # noqa: E402
 
-from gross.decompose import btd, series  # noqa: E402
+from gross._parallel import run_btds  # noqa: E402
+from gross.decompose import _series_jobs, _series_layer, btd  # noqa: E402
 
 # VGG-16 (CIFAR) conv1_2 … conv5_3 as (C_in, C_out): the layers the paper decomposes.
 VGG16_LAYERS = [(64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256), (256, 512),
@@ -94,24 +95,37 @@ def layer_numbers(text):
 
 
 def vgg_series(args):
-    """Time `series` on the decomposed VGG-16 CIFAR layers (He-normal weights) at sizes 1, 4, 16, 32."""
-    total = 0.0
-    print("| layer | C_in→C_out | seconds | errors at 1, 4, 16, 32 | passes at 1, 4, 16, 32 |\n|---|---|---|---|---|")
+    """Time the GroSS series of the VGG-16 CIFAR layers (He-normal weights) at sizes 1, 4, 16, 32.
+
+    All layers' BTDs go to `--jobs` worker processes at once, as `gross.convert(..., workers=)`
+    runs them; the total is the wall time from the first BTD to the last series layer built.
+    Per layer: the seconds its BTDs took inside their processes (summed), errors and passes.
+    """
+    convs = {}
     for i in (n - 1 for n in layer_numbers(args.vgg_layers)):
         c_in, c_out = VGG16_LAYERS[i]
         torch.manual_seed(i + 1)  # per layer, so a run of some layers sees the same weights as the whole series
         conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1)
         torch.nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-        start = time.perf_counter()
-        _, results = series(conv, [1, 4, 16, 32], tol=args.tol, max_iter=args.max_iter,
-                            method=args.methods.split(",")[0], return_results=True,
-                            work_dtype=getattr(torch, args.work_dtype))
-        seconds = time.perf_counter() - start
-        total += seconds
-        errs = ", ".join(f"{r.rel_error:.4f}" for r in results)
-        passes = ", ".join(str(r.iterations) for r in results)
-        print(f"| {i + 1} | {c_in}→{c_out} | {seconds:.1f} | {errs} | {passes} |", flush=True)
-    print(f"\nthese VGG-16 layers' series: {total:.1f} s ({total / 60:.1f} min)")
+        convs[i + 1] = conv
+    plans = {n: _series_jobs(conv, [1, 4, 16, 32], None, tol=args.tol, max_iter=args.max_iter,
+                             method=args.methods.split(",")[0], device=None,
+                             work_dtype=getattr(torch, args.work_dtype)) for n, conv in convs.items()}
+    start = time.perf_counter()
+    results = iter(run_btds([job for _, _, jobs in plans.values() for job in jobs], args.jobs, progress=True))
+    per_layer = {n: [next(results) for _ in jobs] for n, (_, _, jobs) in plans.items()}
+    for n, (pair, sizes, _) in plans.items():
+        _series_layer(convs[n], pair, sizes, per_layer[n])
+    wall = time.perf_counter() - start
+    print("| layer | C_in→C_out | BTD seconds (sum) | errors at 1, 4, 16, 32 | passes at 1, 4, 16, 32 |\n"
+          "|---|---|---|---|---|")
+    for n, res in per_layer.items():
+        c_in, c_out = VGG16_LAYERS[n - 1]
+        print(f"| {n} | {c_in}→{c_out} | {sum(r.seconds for r in res):.1f} | "
+              f"{', '.join(f'{r.rel_error:.4f}' for r in res)} | {', '.join(str(r.iterations) for r in res)} |")
+    busy = sum(r.seconds for res in per_layer.values() for r in res)
+    print(f"\nthese VGG-16 layers' series: {wall:.1f} s wall ({wall / 60:.1f} min) with {args.jobs} worker "
+          f"process(es); BTD seconds summed over processes {busy:.1f}")
 
 
 def main():
@@ -129,11 +143,13 @@ def main():
     parser.add_argument("--group-sizes", default=None, help="comma-separated group sizes to run (default all)")
     parser.add_argument("--vgg-series", action="store_true",
                         help="instead of the table, time series() over all 12 VGG-16 layers (first of --methods)")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="with --vgg-series, worker processes for the BTDs (each gets --threads / --jobs threads)")
     parser.add_argument("--vgg-layers", default=None,
                         help="with --vgg-series, only these 1-based layers, e.g. 1-7,8 (default all 12)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch threads {args.threads}, work dtype {args.work_dtype}, "
+    print(f"torch threads {args.threads}, jobs {args.jobs}, work dtype {args.work_dtype}, "
           f"oracle OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}, "
           f"tol {args.tol}, max_iter {args.max_iter}, oracle cut at {args.oracle_max_seconds}s", flush=True)
     if args.vgg_series:

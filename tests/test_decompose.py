@@ -184,6 +184,36 @@ def test_convert_bad_spec_names_the_layer(spec, exc, match):
         convert(_net(), spec, progress=False, init="random")
 
 
+def test_convert_checks_every_layer_before_decomposing():
+    net = _net()
+    with torch.no_grad():
+        net[2][0].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="'2.0'.*finite"):
+        convert(net, {"0": {"group_sizes": [1]}, "2.0": {"group_sizes": [1]}}, progress=False)
+    assert isinstance(net[0], nn.Conv2d)  # nothing replaced
+    with pytest.raises(ValueError, match="workers"):
+        convert(_net(), {"0": {"group_sizes": [1]}}, progress=False, workers=0)
+
+
+def test_series_sizes_are_each_sizes_own_btd():
+    conv = _conv(8, 12, padding=1)
+    _, results = series(conv, [1, 2, 8], return_results=True)
+    for g, res in zip([1, 2, 8], results):
+        own = btd(conv.weight.detach(), g)
+        assert res.rel_error == pytest.approx(own.rel_error, rel=1e-12)
+        assert torch.allclose(reconstruct(*res), reconstruct(*own), atol=1e-12)
+
+
+def test_convert_with_worker_processes_matches_one_process():
+    torch.manual_seed(0)
+    net = _net().double()
+    spec = {"0": {"group_sizes": [1, 3]}, "2.0": {"group_sizes": [1, 2, 8]}}
+    one = convert(net, spec, inplace=False, progress=False)
+    two = convert(net, spec, inplace=False, progress=False, workers=2)
+    for (name, a), (_, b) in zip(one.named_parameters(), two.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-10, rtol=0), name
+
+
 def test_convert_rejects_grouped_conv():
     net = nn.Sequential(nn.Conv2d(8, 8, 3, groups=4))
     with pytest.raises(ValueError, match="'0'.*groups"):

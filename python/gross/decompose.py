@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +12,7 @@ import gross_kernels as gk
 from gross_kernels import reference
 from gross_kernels._validate import check_series
 
-from . import _btd, _greedy
+from . import _btd, _greedy, _parallel
 
 
 @dataclass
@@ -19,8 +20,9 @@ class BTDResult:
     """Factors of a BTD in SeriesConv2d's shapes; unpacks as `A, B, C = result`.
 
     A `(S, C_in, 1, 1)`, B `(T, G, kh, kw)` (grouped core, S/G groups), C `(C_out, T, 1, 1)`;
-    `rel_error` = ‖W − C·B·A‖ / ‖W‖ and `iterations` = PCI passes run. Within each block the rows
-    of A and the columns of C are orthonormal (Tucker-2 form), so B carries the scale.
+    `rel_error` = ‖W − C·B·A‖ / ‖W‖, `iterations` = PCI passes run and `seconds` = the wall time
+    `btd` took. Within each block the rows of A and the columns of C are orthonormal (Tucker-2
+    form), so B carries the scale.
     """
 
     A: torch.Tensor
@@ -28,6 +30,7 @@ class BTDResult:
     C: torch.Tensor
     rel_error: float
     iterations: int
+    seconds: float = 0.0
 
     def __iter__(self):
         return iter((self.A, self.B, self.C))
@@ -156,6 +159,7 @@ def btd(weight, group_size, bottleneck=None, tol=1e-5, max_iter=500, init="auto"
     differs, either way; the final error is always computed in float64 from factors
     re-orthonormalised in float64); returns factors in the weight's dtype and device.
     """
+    start = time.perf_counter()
     _check_weight(weight)
     c_out, c_in, kh, kw = weight.shape
     S, T = _bottleneck_pair(bottleneck, c_in, c_out)
@@ -185,10 +189,10 @@ def btd(weight, group_size, bottleneck=None, tol=1e-5, max_iter=500, init="auto"
         blocks, err, iters = _btd.als(W3, blocks, tol, max_iter)
     else:
         blocks, err, iters = _btd.pci(W3, blocks, tol, max_iter, sweeps, dtype=work_dtype)
-    return _to_result(blocks, err, iters, weight, (kh, kw))
+    return _to_result(blocks, err, iters, weight, (kh, kw), time.perf_counter() - start)
 
 
-def _to_result(blocks, err, iters, weight, kernel):
+def _to_result(blocks, err, iters, weight, kernel, seconds):
     U, K, V = blocks
     nb, c_out, tb = U.shape
     _, _, p, G = K.shape
@@ -196,7 +200,7 @@ def _to_result(blocks, err, iters, weight, kernel):
     A = V.mT.reshape(nb * G, -1, 1, 1).to(**like)
     B = K.permute(0, 1, 3, 2).reshape(nb * tb, G, *kernel).to(**like)
     C = U.permute(1, 0, 2).reshape(c_out, nb * tb, 1, 1).to(**like)
-    return BTDResult(A, B, C, err, iters)
+    return BTDResult(A, B, C, err, iters, seconds)
 
 
 def reconstruct(A, B, C):
@@ -232,7 +236,7 @@ def _align(result, previous):
     like = dict(dtype=result.A.dtype, device=result.A.device)
     return BTDResult((V @ Qv).mT.reshape(S, c_in, 1, 1).to(**like), K.reshape(T, G, kh, kw).to(**like),
                      (U @ Qu).permute(1, 0, 2).reshape(-1, T, 1, 1).to(**like),
-                     result.rel_error, result.iterations)
+                     result.rel_error, result.iterations, result.seconds)
 
 
 def _conv_padding(conv):
@@ -257,30 +261,29 @@ def _check_conv(conv):
         raise ValueError(f"conv must use padding_mode='zeros', got {conv.padding_mode!r}")
 
 
-def series(conv, group_sizes, bottleneck=None, tol=1e-5, max_iter=500, method="pci", device=None,
-           return_results=False, work_dtype=torch.float32):
-    """A `SeriesConv2d` whose configuration at each group size g computes the BTD of `conv` at g.
-
-    Sizes are decomposed in ascending order, each warm-started from the previous (finer) one and
-    its bases aligned to it; term j stores A^(j) − A^(j−1), C^(j) − C^(j−1) and
-    B^(j) − expand(B^(j−1)), so the partial sums of the terms are exactly the BTD at g_j.
-    Stride, padding, dilation and bias carry over; `tol`, `max_iter`, `method`, `device` and
-    `work_dtype` go to `btd`. With `return_results`, returns
-    `(layer, [BTDResult per size])`.
-    """
+def _series_jobs(conv, group_sizes, bottleneck, **btd_args):
+    """(S, T), the checked sizes and one `btd` job per size for `conv`'s series."""
     _check_conv(conv)
     W = conv.weight.detach()
-    c_out, c_in = W.shape[:2]
-    S, T = _bottleneck_pair(bottleneck, c_in, c_out)
+    S, T = _bottleneck_pair(bottleneck, W.shape[1], W.shape[0])
     sizes = check_series(group_sizes, S, T)
-    layer = gk.SeriesConv2d(c_in, c_out, conv.kernel_size, sizes, (S, T), stride=conv.stride,
+    return (S, T), sizes, [dict(weight=W, group_size=g, bottleneck=(S, T), **btd_args) for g in sizes]
+
+
+def _series_layer(conv, bottleneck, sizes, results):
+    """The `SeriesConv2d` of `conv` whose configuration at each size computes that size's BTD.
+
+    Each size's bases are first rotated towards the previous size's (`_align`, an exact
+    re-expression) so that the stored residual terms are small.
+    """
+    S, T = bottleneck
+    W = conv.weight.detach()
+    layer = gk.SeriesConv2d(W.shape[1], W.shape[0], conv.kernel_size, sizes, (S, T), stride=conv.stride,
                             padding=_conv_padding(conv), dilation=conv.dilation, bias=conv.bias is not None)
     layer.to(device=W.device, dtype=W.dtype)
-    results, prev = [], None
+    aligned, prev = [], None
     with torch.no_grad():
-        for j, g in enumerate(sizes):
-            res = btd(W, g, (S, T), tol=tol, max_iter=max_iter, init="auto" if prev is None else prev,
-                      method=method, device=device, work_dtype=work_dtype)
+        for j, (g, res) in enumerate(zip(sizes, results)):
             if prev is None:
                 layer.firsts[j].copy_(res.A)
                 layer.cores[j].copy_(res.B)
@@ -290,10 +293,29 @@ def series(conv, group_sizes, bottleneck=None, tol=1e-5, max_iter=500, method="p
                 layer.firsts[j].copy_(res.A - prev.A)
                 layer.cores[j].copy_(res.B - reference.expand_core(prev.B, S, prev.group_size, g))
                 layer.lasts[j].copy_(res.C - prev.C)
-            results.append(res)
+            aligned.append(res)
             prev = res
         if conv.bias is not None:
             layer.bias.copy_(conv.bias)
+    return layer, aligned
+
+
+def series(conv, group_sizes, bottleneck=None, tol=1e-5, max_iter=500, method="pci", device=None,
+           return_results=False, work_dtype=torch.float32, workers=1):
+    """A `SeriesConv2d` whose configuration at each group size g computes the BTD of `conv` at g.
+
+    Each size is decomposed from its own start (`btd`'s `init="auto"`): on VGG-16's 512×512
+    layers that reached lower errors in fewer passes than warm starts from the next finer size
+    (bench/RESULTS.md, "Decomposition", round 4), and it makes the sizes independent, so
+    `workers` > 1 decomposes them in parallel processes (on the CPU). Term j stores
+    A^(j) − A^(j−1), C^(j) − C^(j−1) and B^(j) − expand(B^(j−1)) with each size's bases rotated
+    towards the previous size's, so the partial sums of the terms are exactly the BTD at g_j.
+    Stride, padding, dilation and bias carry over; `tol`, `max_iter`, `method`, `device` and
+    `work_dtype` go to `btd`. With `return_results`, returns `(layer, [BTDResult per size])`.
+    """
+    pair, sizes, jobs = _series_jobs(conv, group_sizes, bottleneck, tol=tol, max_iter=max_iter, method=method,
+                                     device=device, work_dtype=work_dtype)
+    layer, results = _series_layer(conv, pair, sizes, _parallel.run_btds(jobs, workers))
     return (layer, results) if return_results else layer
 
 
@@ -311,17 +333,18 @@ def _spec_entry(name, entry):
 
 
 def convert(model, spec, inplace=True, init="decompose", progress=True, device=None, tol=1e-5, max_iter=500,
-            method="pci"):
+            method="pci", workers=1):
     """Replace the Conv2d layers named in `spec` by their group-size series; returns the model.
 
     `spec` maps names from `model.named_modules()` to `{"group_sizes": [...], "bottleneck": S |
-    [S, T] | None}`. `init="decompose"` fits each layer's series by BTD (on `device` if given);
-    `init="random"` builds SeriesConv2d layers with their default random initialisation, without
-    decomposing. `inplace=False` converts a deep copy. `tol`, `max_iter`, `method` go to `btd`.
-    Errors name the offending layer.
+    [S, T] | None}`. `init="decompose"` fits each layer's series by BTD (on `device` if given),
+    with a progress bar over the BTDs (one per layer and size); `workers` > 1 runs them in that
+    many CPU processes, largest layers first (call it under `if __name__ == "__main__":`, as
+    spawned processes re-import the main module). `init="random"` builds SeriesConv2d layers with
+    their default random initialisation, without decomposing. `inplace=False` converts a deep
+    copy. `tol`, `max_iter`, `method` go to `btd`. Errors name the offending layer; all layers are
+    checked before any is decomposed.
     """
-    from tqdm import tqdm
-
     if init not in ("decompose", "random"):
         raise ValueError(f"init must be 'decompose' or 'random', got {init!r}")
     if not isinstance(spec, dict):
@@ -334,24 +357,28 @@ def convert(model, spec, inplace=True, init="decompose", progress=True, device=N
             raise ValueError(f"spec names layer {name!r}, which is not in the model")
         if not isinstance(modules[name], nn.Conv2d):
             raise TypeError(f"layer {name!r} is a {type(modules[name]).__name__}, not an nn.Conv2d")
-    for name in tqdm(list(spec), desc="decompose" if init == "decompose" else "series init",
-                     unit="layer", disable=not progress):
-        conv = modules[name]
+    plans = {}
+    for name in spec:
         group_sizes, bottleneck = _spec_entry(name, spec[name])
         try:
+            plans[name] = _series_jobs(modules[name], group_sizes, bottleneck, tol=tol, max_iter=max_iter,
+                                       method=method, device=device)
             if init == "decompose":
-                layer = series(conv, group_sizes, bottleneck, tol=tol, max_iter=max_iter, method=method,
-                               device=device)
-            else:
-                _check_conv(conv)
-                S, T = _bottleneck_pair(bottleneck, conv.in_channels, conv.out_channels)
-                layer = gk.SeriesConv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
-                                        check_series(group_sizes, S, T), (S, T), stride=conv.stride,
-                                        padding=_conv_padding(conv), dilation=conv.dilation,
-                                        bias=conv.bias is not None)
-                layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
+                _check_weight(modules[name].weight)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"layer {name!r}: {exc}") from exc
+    if init == "decompose":
+        jobs = [job for _, _, layer_jobs in plans.values() for job in layer_jobs]
+        results = iter(_parallel.run_btds(jobs, workers, progress=progress))
+    for name, (pair, sizes, layer_jobs) in plans.items():
+        conv = modules[name]
+        if init == "decompose":
+            layer, _ = _series_layer(conv, pair, sizes, [next(results) for _ in layer_jobs])
+        else:
+            layer = gk.SeriesConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, sizes, pair,
+                                    stride=conv.stride, padding=_conv_padding(conv), dilation=conv.dilation,
+                                    bias=conv.bias is not None)
+            layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
         parent_name, _, attr = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, attr, layer)
     return model

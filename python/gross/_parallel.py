@@ -1,0 +1,62 @@
+"""Runs many independent BTDs, in this process or spread over CPU worker processes."""
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+import torch
+
+
+def _init_worker(threads):
+    # Each worker gets its share of the cores; more threads per process only contend.
+    torch.set_num_threads(threads)
+
+
+def _run(job):
+    from .decompose import btd
+
+    return btd(**job)
+
+
+def _cost(job):
+    """Rough relative cost of a BTD job, for largest-first scheduling: the weight's size."""
+    return job["weight"].numel()
+
+
+def run_btds(jobs, workers=1, progress=False, desc="decompose"):
+    """`btd(**job)` for every job (dicts of btd's arguments), results in the jobs' order.
+
+    With `workers` > 1 and every job on the CPU, the jobs run in that many spawned processes,
+    each with 1/workers of this process's torch threads, largest weights first (so the last job
+    to finish is a small one). Otherwise they run here, one after another.
+    """
+    from tqdm import tqdm
+
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    on_cpu = all(torch.device(job.get("device") or job["weight"].device).type == "cpu" for job in jobs)
+    bar = tqdm(total=len(jobs), desc=desc, unit="BTD", disable=not progress)
+    if workers == 1 or len(jobs) < 2 or not on_cpu:
+        results = []
+        for job in jobs:
+            results.append(_run(job))
+            bar.update()
+        bar.close()
+        return results
+    results = [None] * len(jobs)
+    order = sorted(range(len(jobs)), key=lambda i: -_cost(jobs[i]))
+    threads = max(1, torch.get_num_threads() // workers)
+    # spawn, not fork: a forked child would inherit this process's OpenMP and MKL thread pools.
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker, initargs=(threads,)) as pool:
+        futures = {pool.submit(_run, jobs[i]): i for i in order}
+        try:
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:
+            bar.close()
+    return results
