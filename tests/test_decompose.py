@@ -81,6 +81,20 @@ def test_warm_start_from_finer_is_no_worse_than_its_start(method):
     assert same.rel_error <= fine.rel_error + 1e-9
 
 
+@pytest.mark.parametrize("init", ["hosvd", "greedy"])
+@pytest.mark.parametrize("g", [1, 2])
+def test_weight_with_pruned_channels_keeps_orthonormal_finite_factors(init, g):
+    # Zero rows and columns put some blocks' bases in the weight's null space, where a subspace
+    # step is zero: it must keep the basis (no 0/0), and the result stay in Tucker-2 form.
+    W = torch.randn(16, 8, 3, 3, dtype=F64)
+    W[10:], W[:, 6:] = 0, 0
+    res = btd(W, g, 8, init=init)
+    assert all(torch.isfinite(t).all() for t in res)
+    A = res.A.reshape(8 // g, g, 8)
+    assert torch.allclose(A @ A.mT, torch.eye(g, dtype=F64).expand(8 // g, g, g), atol=1e-12)
+    assert _rel(reconstruct(*res), W) == pytest.approx(res.rel_error, rel=1e-10)
+
+
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(weight=torch.randn(8, 8, 3), group_size=2), ValueError, "4-D"),
     (dict(weight=torch.randn(8, 8, 3, 3), group_size=3), ValueError, "divide"),
