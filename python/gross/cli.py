@@ -14,7 +14,7 @@ _TOP = {"model", "num_classes", "weights", "seed", "device", "out", "data", "dec
         "search", "finetune", "reproduce"}
 _SECTIONS = {
     "data": {"name", "root", "input_size", "eval_batch_size", "workers", "limit"},
-    "decompose": {"spec", "init", "tol", "max_iter", "method"},
+    "decompose": {"spec", "init", "tol", "max_iter", "method", "workers"},
     "search": {"strategy", "beam", "configs_per_pass"},
     "reproduce": {"budgets", "runs"},
 }

@@ -252,7 +252,8 @@ class Experiment:
         d = self.cfg["decompose"]
         return convert(self.base(), spec or self.spec, inplace=False, progress=self.progress,
                        init=init or d.get("init", "decompose"), tol=d.get("tol", 1e-5),
-                       max_iter=d.get("max_iter", 500), method=d.get("method", "pci")).to(self.device)
+                       max_iter=d.get("max_iter", 500), method=d.get("method", "pci"),
+                       workers=d.get("workers", 1)).to(self.device)
 
     def decomposed(self):
         """The series model straight after decomposition (`series_init.pt`)."""
