@@ -218,6 +218,11 @@ def test_series_sizes_are_each_sizes_own_btd():
         assert torch.allclose(reconstruct(*res), reconstruct(*own), atol=1e-12)
 
 
+def test_convert_progress_bar_counts_layers(capsys):
+    convert(_net(), {"0": {"group_sizes": [1, 3]}, "2.0": {"group_sizes": [1, 2, 8]}}, progress=True)
+    assert "2.00/2 layers" in capsys.readouterr().err
+
+
 def test_convert_with_worker_processes_matches_one_process():
     torch.manual_seed(0)
     net = _net().double()

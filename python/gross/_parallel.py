@@ -23,24 +23,28 @@ def _cost(job):
     return job["weight"].numel()
 
 
-def run_btds(jobs, workers=1, progress=False, desc="decompose"):
+def run_btds(jobs, workers=1, progress=False, desc="decompose", unit="BTD", steps=None):
     """`btd(**job)` for every job (dicts of btd's arguments), results in the jobs' order.
 
     With `workers` > 1 and every job on the CPU, the jobs run in that many spawned processes,
     each with 1/workers of this process's torch threads, largest weights first (so the last job
-    to finish is a small one). Otherwise they run here, one after another.
+    to finish is a small one). Otherwise they run here, one after another. The progress bar
+    advances by `steps[i]` (default 1) when job i finishes, in `unit`s: e.g. a layer's share.
     """
     from tqdm import tqdm
 
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    steps = steps or [1] * len(jobs)
     on_cpu = all(torch.device(job.get("device") or job["weight"].device).type == "cpu" for job in jobs)
-    bar = tqdm(total=len(jobs), desc=desc, unit="BTD", disable=not progress)
+    fractional = any(step != int(step) for step in steps)
+    bar = tqdm(total=round(sum(steps), 6), desc=desc, unit=unit, disable=not progress,
+               bar_format="{l_bar}{bar}| {n:.2f}/{total:.0f} {unit}s [{elapsed}<{remaining}]" if fractional else None)
     if workers == 1 or len(jobs) < 2 or not on_cpu:
         results = []
-        for job in jobs:
+        for job, step in zip(jobs, steps):
             results.append(_run(job))
-            bar.update()
+            bar.update(step)
         bar.close()
         return results
     results = [None] * len(jobs)
@@ -53,7 +57,7 @@ def run_btds(jobs, workers=1, progress=False, desc="decompose"):
         try:
             for future in as_completed(futures):
                 results[futures[future]] = future.result()
-                bar.update()
+                bar.update(steps[futures[future]])
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise

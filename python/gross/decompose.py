@@ -338,12 +338,12 @@ def convert(model, spec, inplace=True, init="decompose", progress=True, device=N
 
     `spec` maps names from `model.named_modules()` to `{"group_sizes": [...], "bottleneck": S |
     [S, T] | None}`. `init="decompose"` fits each layer's series by BTD (on `device` if given),
-    with a progress bar over the BTDs (one per layer and size); `workers` > 1 runs them in that
-    many CPU processes, largest layers first (call it under `if __name__ == "__main__":`, as
-    spawned processes re-import the main module). `init="random"` builds SeriesConv2d layers with
-    their default random initialisation, without decomposing. `inplace=False` converts a deep
-    copy. `tol`, `max_iter`, `method` go to `btd`. Errors name the offending layer; all layers are
-    checked before any is decomposed.
+    with a progress bar over the layers (moving as each layer's sizes finish); `workers` > 1 runs
+    the BTDs (one per layer and size) in that many CPU processes, largest layers first (call it
+    under `if __name__ == "__main__":`, as spawned processes re-import the main module).
+    `init="random"` builds SeriesConv2d layers with their default random initialisation, without
+    decomposing. `inplace=False` converts a deep copy. `tol`, `max_iter`, `method` go to `btd`.
+    Errors name the offending layer; all layers are checked before any is decomposed.
     """
     if init not in ("decompose", "random"):
         raise ValueError(f"init must be 'decompose' or 'random', got {init!r}")
@@ -369,7 +369,9 @@ def convert(model, spec, inplace=True, init="decompose", progress=True, device=N
             raise type(exc)(f"layer {name!r}: {exc}") from exc
     if init == "decompose":
         jobs = [job for _, _, layer_jobs in plans.values() for job in layer_jobs]
-        results = iter(_parallel.run_btds(jobs, workers, progress=progress))
+        # The bar counts layers; each of a layer's BTDs moves it by its share of the layer.
+        steps = [1 / len(layer_jobs) for _, _, layer_jobs in plans.values() for _ in layer_jobs]
+        results = iter(_parallel.run_btds(jobs, workers, progress=progress, unit="layer", steps=steps))
     for name, (pair, sizes, layer_jobs) in plans.items():
         conv = modules[name]
         if init == "decompose":
