@@ -115,7 +115,7 @@ def _times_columns(E3, V):
     """E3 @ V for the few columns of V (a block's new input basis); one column is passed as two.
 
     MKL's product of the row-major 4608 × 512 residual with one column (a matrix-vector product)
-    took 2.4-4 ms on this project's AMD CPU, the same product with that column given twice, as
+    took 2.4-4.3 ms on this project's AMD CPU, the same product with that column given twice, as
     the transpose of a row-major (2, C_in) matrix, 0.5-1.2 ms (1 thread, 3 processes). QR's
     bases (two or more columns) already come in that column-major layout.
     """
