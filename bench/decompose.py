@@ -27,8 +27,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tensorly_pci import pci  # noqa: E402
 
-from gross._parallel import run_btds  # noqa: E402
-from gross.decompose import _series_jobs, _series_layer, btd  # noqa: E402
+from gross.decompose import _series_jobs, _series_layers, btd  # noqa: E402
 
 # VGG-16 (CIFAR) conv1_2 … conv5_3 as (C_in, C_out): the layers the paper decomposes.
 VGG16_LAYERS = [(64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256), (256, 512),
@@ -97,8 +96,9 @@ def layer_numbers(text):
 def vgg_series(args):
     """Time the GroSS series of the VGG-16 CIFAR layers (He-normal weights) at sizes 1, 4, 16, 32.
 
-    All layers' BTDs go to `--jobs` worker processes at once, as `gross.convert(..., workers=)`
-    runs them; the total is the wall time from the first BTD to the last series layer built.
+    All layers' BTDs go to `--jobs` worker processes at once, through the code
+    `gross.convert(..., workers=)` runs; the total is the wall time from the first BTD to the last
+    series layer built.
     Per layer: the seconds its BTDs took inside their processes (summed), errors and passes.
     """
     convs = {}
@@ -112,10 +112,7 @@ def vgg_series(args):
                              method=args.methods.split(",")[0], device=None,
                              work_dtype=getattr(torch, args.work_dtype)) for n, conv in convs.items()}
     start = time.perf_counter()
-    results = iter(run_btds([job for _, _, jobs in plans.values() for job in jobs], args.jobs, progress=True))
-    per_layer = {n: [next(results) for _ in jobs] for n, (_, _, jobs) in plans.items()}
-    for n, (pair, sizes, _) in plans.items():
-        _series_layer(convs[n], pair, sizes, per_layer[n])
+    per_layer = {n: results for n, (_, results) in _series_layers(convs, plans, args.jobs, progress=True).items()}
     wall = time.perf_counter() - start
     print("| layer | C_in→C_out | BTD seconds (sum) | errors at 1, 4, 16, 32 | passes at 1, 4, 16, 32 |\n"
           "|---|---|---|---|---|")

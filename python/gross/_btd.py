@@ -217,9 +217,9 @@ def hooi(W3, blocks, tol, max_iter):
     return Blocks(U[None], K.reshape(1, tb, p, g), V[None]), err, it
 
 
-def _residual(W2, blocks):
-    """The dense residual `W2 - sum of blocks` as `(C_out, p*C_in)`."""
-    return W2 - reconstruct(blocks).reshape(W2.shape)
+def _residual(W2, U, Z):
+    """The dense residual `W2 - Σ_b U_b Z_b` as `(C_out, p*C_in)`, from bases U and block products Z."""
+    return W2 - _sum_blocks(U, Z)
 
 
 def _rel_norm(E, norm_w):
@@ -261,8 +261,8 @@ def pci(W3, blocks, tol, max_iter, sweeps=1, chunk=None, extrapolate=True, dtype
     norm_w = torch.linalg.vector_norm(W3).item()
     W2 = W3.reshape(c_out, p * c_in).to(dtype)
     blocks = Blocks(*(t.to(dtype) for t in blocks))
-    E2 = _residual(W2, blocks)
     Z = block_products(blocks)
+    E2 = _residual(W2, blocks.U, Z)
     DU = E2.new_empty(c_out, 2 * chunk * tb)
     DZ = E2.new_empty(2 * chunk * tb, p * c_in)
     last, it, prev = math.inf, 0, None
@@ -277,12 +277,12 @@ def pci(W3, blocks, tol, max_iter, sweeps=1, chunk=None, extrapolate=True, dtype
             n = 2 * (b1 - b0) * tb
             E2.addmm_(DU[:, :n], DZ[:n])
         if dtype != exact_dtype and it % refresh == 0:
-            E2 = _residual(W2, blocks)
+            E2 = _residual(W2, blocks.U, block_products(blocks))
         err = _rel_norm(E2, norm_w)
         if extrapolate and it > 1:
             trial = _extrapolate(prev, blocks, (it + 1) ** (1 / 3))
             Z_trial = block_products(trial)
-            E_trial = W2 - _sum_blocks(trial.U, Z_trial)
+            E_trial = _residual(W2, trial.U, Z_trial)
             trial_err = _rel_norm(E_trial, norm_w)
             if trial_err < err:
                 blocks, Z, E2, err = trial, Z_trial, E_trial, trial_err

@@ -273,6 +273,14 @@ def _series_jobs(conv, group_sizes, bottleneck, **btd_args):
     return (S, T), sizes, [dict(weight=W, group_size=g, bottleneck=(S, T), **btd_args) for g in sizes]
 
 
+def _new_series_layer(conv, bottleneck, sizes):
+    """A `SeriesConv2d` with `conv`'s shape, geometry, device and dtype, its factors randomly initialised."""
+    layer = gk.SeriesConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, sizes, bottleneck,
+                            stride=conv.stride, padding=_conv_padding(conv), dilation=conv.dilation,
+                            bias=conv.bias is not None)
+    return layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
+
+
 def _series_layer(conv, bottleneck, sizes, results):
     """The `SeriesConv2d` of `conv` whose configuration at each size computes that size's BTD.
 
@@ -280,10 +288,7 @@ def _series_layer(conv, bottleneck, sizes, results):
     re-expression) so that the stored residual terms are small.
     """
     S, T = bottleneck
-    W = conv.weight.detach()
-    layer = gk.SeriesConv2d(W.shape[1], W.shape[0], conv.kernel_size, sizes, (S, T), stride=conv.stride,
-                            padding=_conv_padding(conv), dilation=conv.dilation, bias=conv.bias is not None)
-    layer.to(device=W.device, dtype=W.dtype)
+    layer = _new_series_layer(conv, bottleneck, sizes)
     aligned, prev = [], None
     with torch.no_grad():
         for j, (g, res) in enumerate(zip(sizes, results)):
@@ -303,6 +308,19 @@ def _series_layer(conv, bottleneck, sizes, results):
     return layer, aligned
 
 
+def _series_layers(convs, plans, workers, progress):
+    """`_series_layer` for every key of `plans` (from `_series_jobs`), all BTDs in one `run_btds` call.
+
+    Returns {key: (layer, [BTDResult per size])}. The progress bar counts layers: each of a
+    layer's BTDs moves it by its share of the layer.
+    """
+    jobs = [job for _, _, layer_jobs in plans.values() for job in layer_jobs]
+    steps = [1 / len(layer_jobs) for _, _, layer_jobs in plans.values() for _ in layer_jobs]
+    results = iter(_parallel.run_btds(jobs, workers, progress=progress, unit="layer", steps=steps))
+    return {key: _series_layer(convs[key], pair, sizes, [next(results) for _ in layer_jobs])
+            for key, (pair, sizes, layer_jobs) in plans.items()}
+
+
 def series(conv, group_sizes, bottleneck=None, tol=1e-5, max_iter=500, method="pci", device=None,
            return_results=False, work_dtype=torch.float32, workers=1):
     """A `SeriesConv2d` whose configuration at each group size g computes the BTD of `conv` at g.
@@ -316,9 +334,9 @@ def series(conv, group_sizes, bottleneck=None, tol=1e-5, max_iter=500, method="p
     Stride, padding, dilation and bias carry over; `tol`, `max_iter`, `method`, `device` and
     `work_dtype` go to `btd`. With `return_results`, returns `(layer, [BTDResult per size])`.
     """
-    pair, sizes, jobs = _series_jobs(conv, group_sizes, bottleneck, tol=tol, max_iter=max_iter, method=method,
-                                     device=device, work_dtype=work_dtype)
-    layer, results = _series_layer(conv, pair, sizes, _parallel.run_btds(jobs, workers))
+    plan = _series_jobs(conv, group_sizes, bottleneck, tol=tol, max_iter=max_iter, method=method, device=device,
+                        work_dtype=work_dtype)
+    layer, results = _series_layers({0: conv}, {0: plan}, workers, progress=False)[0]
     return (layer, results) if return_results else layer
 
 
@@ -371,19 +389,9 @@ def convert(model, spec, inplace=True, init="decompose", progress=True, device=N
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"layer {name!r}: {exc}") from exc
     if init == "decompose":
-        jobs = [job for _, _, layer_jobs in plans.values() for job in layer_jobs]
-        # The bar counts layers; each of a layer's BTDs moves it by its share of the layer.
-        steps = [1 / len(layer_jobs) for _, _, layer_jobs in plans.values() for _ in layer_jobs]
-        results = iter(_parallel.run_btds(jobs, workers, progress=progress, unit="layer", steps=steps))
-    for name, (pair, sizes, layer_jobs) in plans.items():
-        conv = modules[name]
-        if init == "decompose":
-            layer, _ = _series_layer(conv, pair, sizes, [next(results) for _ in layer_jobs])
-        else:
-            layer = gk.SeriesConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, sizes, pair,
-                                    stride=conv.stride, padding=_conv_padding(conv), dilation=conv.dilation,
-                                    bias=conv.bias is not None)
-            layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        built = _series_layers(modules, plans, workers, progress)
+    for name, (pair, sizes, _) in plans.items():
+        layer = built[name][0] if init == "decompose" else _new_series_layer(modules[name], pair, sizes)
         parent_name, _, attr = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, attr, layer)
     return model
