@@ -1,7 +1,10 @@
 """Times the whole decomposed layer (gk.series_bottleneck_conv2d) per backend on the paper's layer shapes.
 
-Columns: *naive* (the released GroSS approach, below), *reference*, *cpp*, *auto*; rows: layer ×
-{smallest, largest} group size × {forward, forward+backward}. Medians of repeated runs, the backends
+Columns: *torch* (the plainest PyTorch layer: summed weight by one scatter, three F.conv2d,
+autograd; `torch_layer.py`), *torch'* (the same again: the noise floor between two identical
+columns), *naive* (the released GroSS approach), *reference*, *cpp*, *auto*; rows: layer ×
+{smallest, largest} group size × {inference forward, forward+backward with x requiring grad,
+forward+backward with x frozen (the first series layer after a frozen stem)}. Medians of repeated runs, the backends
 timed round-robin; every ratio compares timings taken in the same run. Prints a markdown table and writes JSON.
 `--clock cpu` measures the process's CPU time instead of wall time: with `--threads 1` it is
 the work done, unaffected by other processes competing for a shared machine's cores.
@@ -21,6 +24,7 @@ import torch
 import gross_kernels as gk
 from gross_kernels import backends as gk_backends
 from naive_gross import naive_layer
+from torch_layer import torch_layer
 
 # (name, batch, C_in, C_out, spatial size, group sizes); bottleneck S = T = C_in, 3x3, pad 1.
 FOUR_LAYER = [(f"4-layer {name}", 128, cin, cout, hw, tuple(2 ** i for i in range(cin.bit_length())))
@@ -30,7 +34,10 @@ VGG16_CIFAR = [(f"VGG-16 {name}", 64, c, c, hw, (1, 4, 16, 32))
                                    ("conv5_2", 512, 2)]]
 LAYERS = FOUR_LAYER + VGG16_CIFAR
 STRIDE, PADDING, DILATION = 1, 1, 1
-BACKENDS = ["naive", "reference", "cpp", "auto"]
+BACKENDS = ["torch", "torch'", "naive", "reference", "cpp", "auto"]
+BASELINES = {"torch": torch_layer, "torch'": torch_layer, "naive": naive_layer}
+# Passes: inference forward; forward+backward with x requiring grad; forward+backward with x frozen.
+PASSES = ("fwd", "fwd+bwd", "fwd+bwd x frozen")
 
 
 def make_layer(batch, cin, cout, hw, group_sizes, dtype=torch.float32):
@@ -44,15 +51,16 @@ def make_layer(batch, cin, cout, hw, group_sizes, dtype=torch.float32):
     return x, firsts, cores, lasts, bias
 
 
-def runner(backend, tensors, group_sizes, group_size, backward):
-    """A zero-argument callable running the layer once (forward, or forward + backward)."""
+def runner(backend, tensors, group_sizes, group_size, pass_):
+    """A zero-argument callable running the layer once in pass `pass_` (one of PASSES)."""
     x, firsts, cores, lasts, bias = tensors
-    params = [x, *firsts, *cores, *lasts, bias]
+    backward = pass_ != "fwd"
+    params = [*firsts, *cores, *lasts, bias] + ([x] if pass_ == "fwd+bwd" else [])
 
     def layer():
-        if backend == "naive":
-            return naive_layer(x, firsts, cores, lasts, bias, group_sizes, group_size, STRIDE,
-                               PADDING, DILATION)
+        if backend in BASELINES:
+            return BASELINES[backend](x, firsts, cores, lasts, bias, group_sizes, group_size,
+                                      STRIDE, PADDING, DILATION)
         return gk.series_bottleneck_conv2d(x, firsts, cores, lasts, bias, group_sizes, group_size,
                                            stride=STRIDE, padding=PADDING, dilation=DILATION,
                                            backend=backend)
@@ -102,14 +110,13 @@ def run(repeats, backends, layers, clock):
     rows = []
     for name, batch, cin, cout, hw, group_sizes in layers:
         for group_size in (group_sizes[0], group_sizes[-1]):
-            for backward in (False, True):
+            for pass_ in PASSES:
                 tensors = make_layer(batch, cin, cout, hw, group_sizes)
                 row = {"layer": name, "batch": batch, "c_in": cin, "c_out": cout, "hw": hw,
-                       "group_sizes": list(group_sizes), "group_size": group_size,
-                       "pass": "fwd+bwd" if backward else "fwd"}
-                fns = {b: runner(b, tensors, group_sizes, group_size, backward) for b in backends}
+                       "group_sizes": list(group_sizes), "group_size": group_size, "pass": pass_}
+                fns = {b: runner(b, tensors, group_sizes, group_size, pass_) for b in backends}
                 row["ms"] = interleaved_medians(fns, repeats, clock)
-                row["auto_path"] = auto_path(tensors, group_sizes, group_size, backward)
+                row["auto_path"] = auto_path(tensors, group_sizes, group_size, pass_ != "fwd")
                 rows.append(row)
                 print(format_row(row, backends), flush=True)
     return rows
@@ -129,16 +136,36 @@ def ratio(row, a, b):
 
 def header(backends):
     cols = (["layer", "N", "G", "pass"] + [f"{b} ms" for b in backends]
-            + ["auto/ref", "auto/naive", "cpp/ref", "auto runs"])
+            + ["torch/auto", "torch/torch'", "auto/ref", "auto/naive", "cpp/ref", "auto runs"])
     return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
 
 
 def format_row(row, backends):
     cells = [row["layer"], str(row["batch"]), str(row["group_size"]), row["pass"]]
     cells += [f"{row['ms'][b]:.1f}" for b in backends]
-    cells += [f"{ratio(row, 'auto', 'reference'):.2f}", f"{ratio(row, 'auto', 'naive'):.2f}",
+    cells += [f"{ratio(row, 'torch', 'auto'):.2f}", f"{ratio(row, 'torch', 'torch' + chr(39)):.2f}",
+              f"{ratio(row, 'auto', 'reference'):.2f}", f"{ratio(row, 'auto', 'naive'):.2f}",
               f"{ratio(row, 'cpp', 'reference'):.2f}", row["auto_path"]]
     return "| " + " | ".join(cells) + " |"
+
+
+def _geomean(values):
+    return statistics.geometric_mean(values) if values else float("nan")
+
+
+def summary(rows):
+    """Speed of *auto* against *torch* (torch ms / auto ms) over the inference and training rows,
+    beside the same ratio between the two identical torch columns (the noise floor)."""
+    lines = ["| rows | torch/auto geomean | min | max | torch/torch' min | max |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for label, keep in (("inference (fwd)", lambda r: r["pass"] == "fwd"),
+                        ("training (fwd+bwd, both)", lambda r: r["pass"] != "fwd")):
+        speed = [ratio(r, "torch", "auto") for r in rows if keep(r)]
+        twin = [ratio(r, "torch", "torch'") for r in rows if keep(r)]
+        if speed:
+            lines.append(f"| {label} | {_geomean(speed):.3f} | {min(speed):.2f} | {max(speed):.2f} | "
+                         f"{min(twin):.2f} | {max(twin):.2f} |")
+    return "\n".join(lines)
 
 
 def main():
@@ -153,7 +180,7 @@ def main():
         raise ValueError("--repeats and --threads must be >= 1")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    backends = [b for b in BACKENDS if b in ("naive", "auto") or b in gk.available_backends("cpu")]
+    backends = [b for b in BACKENDS if b in BASELINES or b == "auto" or b in gk.available_backends("cpu")]
     keys = [k for k in args.layers.split(",") if k]
     layers = [layer for layer in LAYERS if not keys or any(k in layer[0] for k in keys)]
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
@@ -161,6 +188,8 @@ def main():
           f"load average {os.getloadavg()[0]:.1f}")
     print(header(backends))
     rows = run(args.repeats, backends, layers, CLOCKS[args.clock])
+    print()
+    print(summary(rows))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"date": datetime.now(timezone.utc).isoformat(), "machine": platform.platform(),

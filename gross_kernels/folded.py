@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
+from .algebra import effective_core, gather_core
 
 
 def _macs_per_call(x_shape, S, T, C_out, k_area, out_hw):
@@ -44,7 +45,7 @@ def fold(A, core, C):
 
 def bottleneck_forward(x, A, cores, C, bias, group_sizes, group_size, stride, padding, dilation):
     """The whole decomposed layer as one convolution with the folded weight."""
-    core = reference.effective_core(cores, group_sizes, group_size, A.shape[0])
+    core = effective_core(cores, group_sizes, group_size, A.shape[0])
     return F.conv2d(x, fold(A, core, C), bias, stride, padding, dilation)
 
 
@@ -52,7 +53,7 @@ def bottleneck_backward(grad_y, x, A, cores, C, bias, group_sizes, group_size, s
                         dilation):
     """(grad_x, grad_A, grads of the active cores, grad_C, grad_bias) via the folded weight."""
     S = A.shape[0]
-    core = reference.effective_core(cores, group_sizes, group_size, S)
+    core = effective_core(cores, group_sizes, group_size, S)
     A2, C2 = A.flatten(1), C.flatten(1)
     grad_x, grad_W = reference.conv_backward(grad_y, x, fold(A, core, C), stride, padding,
                                              dilation, 1)
@@ -63,7 +64,7 @@ def bottleneck_backward(grad_y, x, A, cores, C, bias, group_sizes, group_size, s
     grad_core = torch.einsum("ot,oskl->tskl", C2, torch.einsum("ockl,sc->oskl", grad_W, A2))
     grad_C = torch.einsum("ockl,tckl->ot", grad_W,
                           torch.einsum("tskl,sc->tckl", core, A2)).view_as(C)
-    grad_cores = [reference.gather_core(grad_core, S, g, group_size)
+    grad_cores = [gather_core(grad_core, S, g, group_size)
                   for g in group_sizes if g <= group_size]
     grad_bias = grad_y.sum(dim=(0, 2, 3)) if bias is not None else None
     return grad_x, grad_A, grad_cores, grad_C, grad_bias

@@ -6,7 +6,8 @@ import math
 import torch
 from torch import nn
 
-from . import _validate, reference
+from . import _validate
+from .algebra import effective_core
 from .ops import series_bottleneck_conv2d
 
 
@@ -104,7 +105,7 @@ class SeriesConv2d(nn.Module):
                          groups=S // G, bias=False)
         last = nn.Conv2d(T, self.out_channels, 1, bias=self.bias is not None)
         first.weight.copy_(sum(self.firsts[i] for i in range(n)))
-        core.weight.copy_(reference.effective_core(list(self.cores), self.group_sizes, G, S))
+        core.weight.copy_(effective_core(list(self.cores), self.group_sizes, G, S))
         last.weight.copy_(sum(self.lasts[i] for i in range(n)))
         if self.bias is not None:
             last.bias.copy_(self.bias)

@@ -3,9 +3,10 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 
 import torch
+
+from gross_kernels.files import atomic_write
 
 FORMAT_VERSION = 1
 _MAGIC = b"GROSS-CKPT"
@@ -37,27 +38,7 @@ def save(path, payload, signature=None):
     body = buffer.getvalue()
     header = json.dumps({"format": FORMAT_VERSION, "sha256": hashlib.sha256(body).hexdigest(),
                          "size": len(body), "signature": signature}, sort_keys=True).encode()
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_MAGIC + b"\n" + header + b"\n" + body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    # Persist the rename itself (the directory entry) where the platform allows it.
-    if hasattr(os, "O_DIRECTORY"):
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    atomic_write(path, _MAGIC + b"\n" + header + b"\n" + body)
 
 
 def is_gross_file(path):

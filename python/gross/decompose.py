@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import gross_kernels as gk
-from gross_kernels import reference
+from gross_kernels.algebra import expand_core
 from gross_kernels._validate import check_series
 
 from . import _btd, _greedy, _parallel
@@ -210,7 +210,7 @@ def reconstruct(A, B, C):
     """The dense conv weight `(C_out, C_in, kh, kw)` that the factors A, B, C compute."""
     S, T = A.shape[0], B.shape[0]
     G = B.shape[1]
-    full = reference.expand_core(B, S, G, S)  # (T, S, kh, kw): one group, zeros off the blocks
+    full = expand_core(B, S, G, S)  # (T, S, kh, kw): one group, zeros off the blocks
     return torch.einsum("ot,tskl,sc->ockl", C[:, :, 0, 0], full, A[:, :, 0, 0])
 
 
@@ -299,7 +299,7 @@ def _series_layer(conv, bottleneck, sizes, results):
             else:
                 res = _align(res, prev)
                 layer.firsts[j].copy_(res.A - prev.A)
-                layer.cores[j].copy_(res.B - reference.expand_core(prev.B, S, prev.group_size, g))
+                layer.cores[j].copy_(res.B - expand_core(prev.B, S, prev.group_size, g))
                 layer.lasts[j].copy_(res.C - prev.C)
             aligned.append(res)
             prev = res
