@@ -23,6 +23,8 @@ import torch
 
 import gross_kernels as gk
 from gross_kernels import backends as gk_backends
+from gross_kernels.backends.base import Needs
+from gross_kernels.geometry import SeriesGeom
 from naive_gross import naive_layer
 from torch_layer import torch_layer
 
@@ -116,17 +118,22 @@ def run(repeats, backends, layers, clock):
                        "group_sizes": list(group_sizes), "group_size": group_size, "pass": pass_}
                 fns = {b: runner(b, tensors, group_sizes, group_size, pass_) for b in backends}
                 row["ms"] = interleaved_medians(fns, repeats, clock)
-                row["auto_path"] = auto_path(tensors, group_sizes, group_size, pass_ != "fwd")
+                row["auto_path"] = auto_path(tensors, group_sizes, group_size, pass_)
                 rows.append(row)
                 print(format_row(row, backends), flush=True)
     return rows
 
 
-def auto_path(tensors, group_sizes, group_size, backward):
-    """What `auto` ran on this row (where it is "reference", auto/ref can only show noise)."""
-    x, firsts, cores, lasts, _ = tensors
-    return gk_backends.cpu_auto_path(x, firsts[0], cores, lasts[0], group_size, (STRIDE,) * 2,
-                                     (PADDING,) * 2, (DILATION,) * 2, training=backward)
+def auto_path(tensors, group_sizes, group_size, pass_):
+    """What `auto` decided to run on this row (where it is "reference", auto/ref shows noise only)."""
+    x, firsts, cores, lasts, bias = tensors
+    geom = SeriesGeom(tuple(group_sizes), group_size, (STRIDE,) * 2, (PADDING,) * 2, (DILATION,) * 2)
+    n = geom.num_active
+    needs = Needs(x=pass_ == "fwd+bwd", A=pass_ != "fwd", cores=pass_ != "fwd", C=pass_ != "fwd",
+                  bias=pass_ != "fwd")
+    key = gk_backends.signature("bottleneck", x, cores, geom, needs, sum(firsts[:n]), sum(lasts[:n]),
+                                bias).key()
+    return next((row["winner"] for row in gk.dispatch_report(show=False) if row["key"] == key), "?")
 
 
 def ratio(row, a, b):
@@ -190,6 +197,8 @@ def main():
     rows = run(args.repeats, backends, layers, CLOCKS[args.clock])
     print()
     print(summary(rows))
+    print()
+    gk.dispatch_report()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"date": datetime.now(timezone.utc).isoformat(), "machine": platform.platform(),

@@ -1,23 +1,11 @@
 """Argument checks for the public series ops: each failure names the argument and the rule it broke."""
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 
-BACKEND_NAMES = ("auto", "reference", "cpp", "triton", "cuda")
-
-
-class SeriesArgs(NamedTuple):
-    """Normalised arguments of a series op, as every backend receives them."""
-
-    group_sizes: tuple
-    group_size: int
-    stride: tuple
-    padding: tuple
-    dilation: tuple
-    num_active: int
-
+from .geometry import SeriesGeom
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -33,12 +21,6 @@ def pair(name: str, value, minimum: int) -> tuple:
         rule = "positive" if minimum == 1 else "non-negative"
         raise ValueError(f"{name} must be {rule}, got {tuple(value)}")
     return tuple(value)
-
-
-def output_hw(input_hw, kernel_hw, stride, padding, dilation) -> tuple:
-    """Spatial output size of a convolution (each argument a pair)."""
-    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
-                 for size, k, s, p, d in zip(input_hw, kernel_hw, stride, padding, dilation))
 
 
 def check_series(group_sizes, S: int, T: int, name: str = "group_sizes") -> tuple:
@@ -75,15 +57,6 @@ def check_group_size(group_size, group_sizes: tuple) -> int:
     return group_size
 
 
-def check_backend(backend) -> str:
-    """The backend must be one of the known names."""
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
-    return backend
-
-
 def _check_tensor(name: str, t, ndim: int) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -118,7 +91,7 @@ def _check_cores(cores) -> None:
         _check_tensor(f"cores[{i}]", core, 4)
 
 
-def check_series_conv(x, cores, group_sizes, group_size, stride, padding, dilation) -> SeriesArgs:
+def check_series_conv(x, cores, group_sizes, group_size, stride, padding, dilation) -> SeriesGeom:
     """Validate `series_grouped_conv2d` arguments; returns them normalised."""
     _check_input(x)
     _check_cores(cores)
@@ -148,12 +121,11 @@ def _check_core_series(x, S, cores, group_sizes, group_size, stride, padding, di
             raise ValueError(
                 f"x spatial size {tuple(x.shape[2:])} with padding {padding} is smaller than the "
                 f"dilated kernel {(kh, kw)} (dilation {dilation}): the output would be empty")
-    num_active = sum(1 for g in sizes if g <= G)
-    return SeriesArgs(sizes, G, stride, padding, dilation, num_active)
+    return SeriesGeom(sizes, G, stride, padding, dilation)
 
 
 def check_bottleneck(x, firsts, cores, lasts, bias, group_sizes, group_size, stride, padding,
-                     dilation) -> SeriesArgs:
+                     dilation) -> SeriesGeom:
     """Validate `series_bottleneck_conv2d` arguments; returns them normalised."""
     _check_input(x)
     _check_cores(cores)

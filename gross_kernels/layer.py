@@ -6,8 +6,9 @@ import math
 import torch
 from torch import nn
 
-from . import _validate
+from . import _validate, backends
 from .algebra import effective_core
+from .geometry import output_hw
 from .ops import series_bottleneck_conv2d
 
 
@@ -36,7 +37,7 @@ class SeriesConv2d(nn.Module):
         self.dilation = _validate.pair("dilation", dilation, 1)
         self.group_sizes = _validate.check_series(group_sizes, S, T)
         self.bottleneck = (S, T)
-        self.backend = _validate.check_backend(backend)
+        self.backend = backends.check_name(backend)
         kh, kw = self.kernel_size
         self.firsts = nn.ParameterList(
             nn.Parameter(torch.empty(S, in_channels, 1, 1)) for _ in self.group_sizes)
@@ -114,8 +115,7 @@ class SeriesConv2d(nn.Module):
 
     def output_size(self, input_hw) -> tuple:
         """Spatial output size for an input of spatial size `input_hw`."""
-        return _validate.output_hw(input_hw, self.kernel_size, self.stride, self.padding,
-                                   self.dilation)
+        return output_hw(input_hw, self.kernel_size, self.stride, self.padding, self.dilation)
 
     def macs(self, input_hw) -> int:
         """Multiply-accumulates of one sample at the active group size (three convolutions)."""

@@ -1,9 +1,9 @@
-"""Public series ops: `torch.library` custom ops (namespace `gross`) with autograd and fake kernels.
+"""Public series ops: `torch.library` ops (namespace `gross`) with autograd and fake kernels.
 
-Each public function validates its arguments (before any kernel runs), applies autocast, then
-calls a custom op whose implementation dispatches to the chosen backend's kernels. The backward
-passes are custom ops too, so `torch.compile` traces forward and backward without graph breaks.
-Outputs follow x's memory format (channels-last in, channels-last out).
+Each public function validates its arguments (before any kernel runs), applies autocast, notes
+which gradients autograd will want, then calls an op whose implementation runs the backend that
+`backends.choose` gives for the call. The backward passes are ops too (private, `gross::_…`), so
+`torch.compile` traces forward and backward without graph breaks. Outputs follow x's memory format.
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 
 from . import _layout, _validate, backends
+from .backends.base import NO_GRAD, Needs
+from .geometry import SeriesGeom
 
 
 def _memory_format(x: Tensor):
@@ -27,9 +29,8 @@ def _new_output(x: Tensor, shape) -> Tensor:
 
 # The ops are registered through torch.library.Library (schema inferred from the implementation's
 # annotations, one implementation for every device, a fake kernel) with a Python autograd kernel
-# around a torch.autograd.Function: the mechanism `torch.library.custom_op` uses, without its
-# per-call argument flattening and checks, which cost about 0.4 ms per training step of a layer
-# (bench/RESULTS.md).
+# around a torch.autograd.Function: the mechanism of `torch.library.custom_op` without its per-call
+# argument flattening (its cost: bench/RESULTS.md, "Ops benchmark (CPU)").
 _LIB = torch.library.Library("gross", "FRAGMENT")
 
 
@@ -50,55 +51,60 @@ def _below_autograd():
     return torch._C._AutoDispatchBelowAutograd()
 
 
+def _geom(group_sizes, group_size, stride, padding, dilation) -> SeriesGeom:
+    return SeriesGeom(tuple(group_sizes), group_size, tuple(stride), tuple(padding), tuple(dilation))
+
+
+def _per_term(active, params):
+    """Gradients of every term: the active ones' (contiguous), zeros for the inactive ones."""
+    out = [g.contiguous() for g in active]
+    return out + [torch.zeros_like(p) for p in params[len(out):]]
+
+
 # ---------------------------------------------------------------- series grouped conv ----------
+# `needs` = [x, cores]: which gradients the backward will compute (empty for inference).
+
+def _series_needs(needs) -> Needs:
+    return Needs(needs[0], False, needs[1], False, False) if needs else NO_GRAD
+
 
 def _series_impl(x: Tensor, cores: Sequence[Tensor], group_sizes: Sequence[int], group_size: int,
                  stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                 backend: str) -> Tensor:
-    kernels = backends.resolve(backend, x.device, x.dtype)
-    z = kernels.series_forward(x, list(cores), tuple(group_sizes), group_size, tuple(stride),
-                               tuple(padding), tuple(dilation))
-    return _layout.to_memory_format(z, _memory_format(x))
+                 backend: str, needs: Sequence[bool]) -> Tensor:
+    geom, cores = _geom(group_sizes, group_size, stride, padding, dilation), list(cores)
+    kernels = backends.choose(backend, "series", x, cores, geom, _series_needs(needs))
+    return _layout.to_memory_format(kernels.series_forward(x, cores, geom), _memory_format(x))
 
 
-def _series_fake(x, cores, group_sizes, group_size, stride, padding, dilation, backend):
-    T, _, kh, kw = cores[0].shape
-    out_hw = _validate.output_hw(x.shape[2:], (kh, kw), stride, padding, dilation)
-    return _new_output(x, (x.shape[0], T, *out_hw))
+def _series_fake(x, cores, group_sizes, group_size, stride, padding, dilation, backend, needs):
+    geom = _geom(group_sizes, group_size, stride, padding, dilation)
+    return _new_output(x, (x.shape[0], cores[0].shape[0], *geom.output_hw(x.shape[2:], cores[0].shape[2:])))
 
 
 def _series_backward_impl(grad: Tensor, x: Tensor, cores: Sequence[Tensor],
                           group_sizes: Sequence[int], group_size: int, stride: Sequence[int],
                           padding: Sequence[int], dilation: Sequence[int], backend: str,
-                          input_grad: bool, weight_grad: bool) -> list[Tensor]:
+                          needs: Sequence[bool]) -> list[Tensor]:
     """[grad_x or empty, grad of every core (zeros for inactive terms) or empties]."""
-    kernels = backends.resolve(backend, x.device, x.dtype)
-    series = (tuple(group_sizes), group_size)
-    geometry = (tuple(stride), tuple(padding), tuple(dilation))
-    cores = list(cores)
+    geom, cores = _geom(group_sizes, group_size, stride, padding, dilation), list(cores)
+    wants = _series_needs(needs)
+    kernels = backends.choose(backend, "series", x, cores, geom, wants)
     grad = _layout.to_memory_format(grad, _memory_format(x))
-    out = [x.new_empty(0)]
-    if input_grad:
-        gx = kernels.series_backward_input(grad, cores, *series, x.shape, *geometry)
-        out[0] = _layout.to_memory_format(gx, _memory_format(x))
-    if weight_grad:
-        active = kernels.series_backward_weight(grad, x, cores, *series, *geometry)
-        out += [g.contiguous() for g in active]
-        out += [torch.zeros_like(c) for c in cores[len(active):]]
-    else:
-        out += [c.new_empty(0) for c in cores]
-    return out
+    gx, active = kernels.series_backward(grad, x, cores, geom, wants.x, wants.cores)
+    out = [x.new_empty(0) if gx is None else _layout.to_memory_format(gx, _memory_format(x))]
+    return out + (_per_term(active, cores) if wants.cores else [c.new_empty(0) for c in cores])
 
 
 def _series_backward_fake(grad, x, cores, group_sizes, group_size, stride, padding, dilation,
-                          backend, input_grad, weight_grad):
-    out = [_new_output(x, x.shape) if input_grad else x.new_empty(0)]
-    return out + [torch.empty_like(c, memory_format=torch.contiguous_format) if weight_grad
+                          backend, needs):
+    wants = _series_needs(needs)
+    out = [_new_output(x, x.shape) if wants.x else x.new_empty(0)]
+    return out + [torch.empty_like(c, memory_format=torch.contiguous_format) if wants.cores
                   else c.new_empty(0) for c in cores]
 
 
 _series_op = _define("series_grouped_conv2d", _series_impl, _series_fake)
-_series_backward_op = _define("series_grouped_conv2d_backward", _series_backward_impl,
+_series_backward_op = _define("_series_grouped_conv2d_backward", _series_backward_impl,
                               _series_backward_fake)
 
 
@@ -116,14 +122,14 @@ class _SeriesFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, *cores = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[2:])
-        grads = _series_backward_op(grad, x, cores, *ctx.series_args, need_x, need_w)
-        core_grads = grads[1:] if need_w else [None] * len(cores)
+        grads = _series_backward_op(grad, x, cores, *ctx.series_args)
+        need_x, need_cores = ctx.series_args[-1]
+        core_grads = grads[1:] if need_cores else [None] * len(cores)
         return (grads[0] if need_x else None, None, *core_grads)
 
 
 def _series_autograd(x, cores, *series_args):
-    if _wants_grad(x, *cores):
+    if any(series_args[-1]):
         return _SeriesFunction.apply(x, series_args, *cores)
     with _below_autograd():
         return _series_op(x, cores, *series_args)
@@ -133,6 +139,7 @@ _LIB.impl("series_grouped_conv2d", _series_autograd, "Autograd")
 
 
 # ---------------------------------------------------------------- bottleneck -------------------
+# `needs` = [x, firsts, cores, lasts, bias] (empty for inference).
 
 def _summed(tensors, count):
     total = tensors[0]
@@ -141,51 +148,39 @@ def _summed(tensors, count):
     return total
 
 
-def _saves_activations(kernels, save_activations: bool, x, firsts, cores, lasts, group_size,
-                       stride, padding, dilation) -> bool:
-    """Whether the forward keeps u = A·x and z = core(u) for the backward (composite backends;
-    a backend may decide per layer through `keeps_activations`)."""
-    if not (save_activations and hasattr(kernels, "bottleneck_forward_saving")):
-        return False
-    keeps = getattr(kernels, "keeps_activations", None)
-    return keeps is None or keeps(x, firsts[0], cores, lasts[0], group_size, stride, padding,
-                                  dilation)
-
-
-def _activation_layout(kernels, x: Tensor, group_size: int):
-    """Memory format of the saved activations u, z: the backend's choice for the layer, else x's."""
-    choose = getattr(kernels, "activation_layout", None)
-    return (choose(x, group_size) if choose is not None else None) or _memory_format(x)
-
-
 def _bottleneck_impl(x: Tensor, firsts: Sequence[Tensor], cores: Sequence[Tensor],
                      lasts: Sequence[Tensor], bias: Optional[Tensor], group_sizes: Sequence[int],
                      group_size: int, stride: Sequence[int], padding: Sequence[int],
-                     dilation: Sequence[int], backend: str, save_activations: bool) -> list[Tensor]:
+                     dilation: Sequence[int], backend: str, needs: Sequence[bool]) -> list[Tensor]:
     """[y], or [y, u, z] when the backend keeps its activations for the backward."""
-    kernels = backends.resolve(backend, x.device, x.dtype)
-    n = sum(1 for g in group_sizes if g <= group_size)
-    args = (x, _summed(firsts, n), list(cores), _summed(lasts, n), bias, tuple(group_sizes),
-            group_size, tuple(stride), tuple(padding), tuple(dilation))
-    if _saves_activations(kernels, save_activations, x, firsts, cores, lasts, group_size,
-                          tuple(stride), tuple(padding), tuple(dilation)):
-        y, u, z = kernels.bottleneck_forward_saving(*args)
-        layout = _activation_layout(kernels, x, group_size)
-        return [_layout.to_memory_format(y, _memory_format(x)), _layout.to_memory_format(u, layout),
+    geom, cores = _geom(group_sizes, group_size, stride, padding, dilation), list(cores)
+    wants = Needs(*needs) if needs else NO_GRAD
+    A, C = _summed(firsts, geom.num_active), _summed(lasts, geom.num_active)
+    kernels = backends.choose(backend, "bottleneck", x, cores, geom, wants, A=A, C=C, bias=bias)
+    fmt = _memory_format(x)
+    if wants.any and kernels.keeps_activations(x, A, cores, C, geom):
+        y, u, z = kernels.bottleneck_forward_saving(x, A, cores, C, bias, geom)
+        layout = kernels.activation_layout(x, geom) or fmt
+        return [_layout.to_memory_format(y, fmt), _layout.to_memory_format(u, layout),
                 _layout.to_memory_format(z, layout)]
-    return [_layout.to_memory_format(kernels.bottleneck_forward(*args), _memory_format(x))]
+    return [_layout.to_memory_format(kernels.bottleneck_forward(x, A, cores, C, bias, geom), fmt)]
 
 
 def _bottleneck_fake(x, firsts, cores, lasts, bias, group_sizes, group_size, stride, padding,
-                     dilation, backend, save_activations):
-    kh, kw = cores[0].shape[2:]
-    out_hw = _validate.output_hw(x.shape[2:], (kh, kw), stride, padding, dilation)
+                     dilation, backend, needs):
+    geom, cores = _geom(group_sizes, group_size, stride, padding, dilation), list(cores)
+    out_hw = geom.output_hw(x.shape[2:], cores[0].shape[2:])
     y = _new_output(x, (x.shape[0], lasts[0].shape[0], *out_hw))
-    kernels = backends.resolve(backend, x.device, x.dtype)
-    if not _saves_activations(kernels, save_activations, x, firsts, cores, lasts, group_size,
-                              tuple(stride), tuple(padding), tuple(dilation)):
+    wants = Needs(*needs) if needs else NO_GRAD
+    if not wants.any:
         return [y]
-    layout = _activation_layout(kernels, x, group_size)
+    # Which activations exist depends on the backend: decided now (cached or static, never timed
+    # while tracing) and kept, so that the compiled call runs the same backend.
+    kernels = backends.choose(backend, "bottleneck", x, cores, geom, wants, A=firsts[0],
+                              C=lasts[0], bias=bias, tracing=True)
+    if not kernels.keeps_activations(x, firsts[0], cores, lasts[0], geom):
+        return [y]
+    layout = kernels.activation_layout(x, geom) or _memory_format(x)
     u = x.new_empty(x.shape[0], firsts[0].shape[0], *x.shape[2:]).contiguous(memory_format=layout)
     z = x.new_empty(x.shape[0], cores[0].shape[0], *out_hw).contiguous(memory_format=layout)
     return [y, u, z]
@@ -195,48 +190,47 @@ def _bottleneck_backward_impl(grad: Tensor, x: Tensor, firsts: Sequence[Tensor],
                               cores: Sequence[Tensor], lasts: Sequence[Tensor],
                               bias: Optional[Tensor], group_sizes: Sequence[int], group_size: int,
                               stride: Sequence[int], padding: Sequence[int],
-                              dilation: Sequence[int], backend: str,
+                              dilation: Sequence[int], backend: str, needs: Sequence[bool],
                               activations: Sequence[Tensor]) -> list[Tensor]:
-    """[grad_x, grads of firsts, grads of cores, grads of lasts, grad_bias (empty if no bias)].
-
-    Every active first (last) gets the gradient of the summed A (C); inactive terms get zeros.
-    `activations` is [u, z] when the forward kept them, else empty (the backend recomputes).
-    """
-    kernels = backends.resolve(backend, x.device, x.dtype)
-    n = sum(1 for g in group_sizes if g <= group_size)
+    """[grad_x, grads of firsts, grads of cores, grads of lasts, grad_bias]; empties where `needs`
+    asks for none. Every active first (last) gets the gradient of the summed A (C); inactive terms
+    get zeros. `activations` is [u, z] when the forward kept them, else empty (recomputed)."""
+    geom, cores = _geom(group_sizes, group_size, stride, padding, dilation), list(cores)
+    wants, n = Needs(*needs), geom.num_active
+    A, C = _summed(firsts, n), _summed(lasts, n)
+    kernels = backends.choose(backend, "bottleneck", x, cores, geom, wants, A=A, C=C, bias=bias)
     grad = _layout.to_memory_format(grad, _memory_format(x))
-    args = (grad, x, _summed(firsts, n), list(cores), _summed(lasts, n), bias, tuple(group_sizes),
-            group_size, tuple(stride), tuple(padding), tuple(dilation))
-    if activations:
-        gx, gA, gcores, gC, gbias = kernels.bottleneck_backward(*args,
-                                                                activations=tuple(activations))
-    else:
-        gx, gA, gcores, gC, gbias = kernels.bottleneck_backward(*args)
+    gx, gA, gcores, gC, gbias = kernels.bottleneck_backward(
+        grad, x, A, cores, C, bias, geom, wants, tuple(activations) if activations else None)
 
-    def per_term(active_grads, params):
-        active = [g.contiguous() for g in active_grads]
-        return active + [torch.zeros_like(p) for p in params[len(active):]]
+    def shared(g, params):  # the summed factor's gradient, handed to every active term
+        if g is None:
+            return [p.new_empty(0) for p in params]
+        g = g.contiguous()
+        return _per_term([g] + [g.clone() for _ in range(n - 1)], params)
 
-    gA = gA.contiguous()
-    gC = gC.contiguous()
-    return ([_layout.to_memory_format(gx, _memory_format(x))]
-            + per_term([gA] + [gA.clone() for _ in range(n - 1)], firsts)
-            + per_term(gcores, cores)
-            + per_term([gC] + [gC.clone() for _ in range(n - 1)], lasts)
-            + [gbias.contiguous() if bias is not None else x.new_empty(0)])
+    gx = x.new_empty(0) if gx is None else _layout.to_memory_format(gx, _memory_format(x))
+    return ([gx] + shared(gA, firsts)
+            + (_per_term(gcores, cores) if gcores is not None else [c.new_empty(0) for c in cores])
+            + shared(gC, lasts) + [x.new_empty(0) if gbias is None else gbias.contiguous()])
 
 
 def _bottleneck_backward_fake(grad, x, firsts, cores, lasts, bias, group_sizes, group_size,
-                              stride, padding, dilation, backend, activations):
-    like = [torch.empty_like(p, memory_format=torch.contiguous_format)
-            for p in (*firsts, *cores, *lasts)]
-    return ([_new_output(x, x.shape)] + like
-            + [torch.empty_like(bias) if bias is not None else x.new_empty(0)])
+                              stride, padding, dilation, backend, needs, activations):
+    wants = Needs(*needs)
+
+    def like(params, wanted):
+        return [torch.empty_like(p, memory_format=torch.contiguous_format) if wanted
+                else p.new_empty(0) for p in params]
+
+    return ([_new_output(x, x.shape) if wants.x else x.new_empty(0)] + like(firsts, wants.A)
+            + like(cores, wants.cores) + like(lasts, wants.C)
+            + [torch.empty_like(bias) if bias is not None and wants.bias else x.new_empty(0)])
 
 
 _bottleneck_op = _define("series_bottleneck_conv2d", _bottleneck_impl, _bottleneck_fake)
-_bottleneck_backward_op = _define("series_bottleneck_conv2d_backward", _bottleneck_backward_impl,
-                                  _bottleneck_backward_fake)
+_bottleneck_backward_op = _define("_series_bottleneck_conv2d_backward",
+                                  _bottleneck_backward_impl, _bottleneck_backward_fake)
 
 
 class _BottleneckFunction(torch.autograd.Function):
@@ -255,7 +249,7 @@ class _BottleneckFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, bias, *params, *activations)
         ctx.num_terms = n
-        ctx.series_args = series_args[:-1]  # without save_activations
+        ctx.series_args = series_args
         return tuple(out)
 
     @staticmethod
@@ -267,11 +261,15 @@ class _BottleneckFunction(torch.autograd.Function):
             return (None, None, None) + (None,) * (3 * n)
         grads = _bottleneck_backward_op(grad_y, x, params[:n], params[n:2 * n], params[2 * n:],
                                         bias, *ctx.series_args, activations)
-        return (grads[0], grads[-1] if bias is not None else None, None, *grads[1:1 + 3 * n])
+        wants = Needs(*ctx.series_args[-1])
+        kept = [wants.A] * n + [wants.cores] * n + [wants.C] * n
+        param_grads = [g if keep else None for g, keep in zip(grads[1:1 + 3 * n], kept)]
+        return (grads[0] if wants.x else None,
+                grads[-1] if bias is not None and wants.bias else None, None, *param_grads)
 
 
 def _bottleneck_autograd(x, firsts, cores, lasts, bias, *series_args):
-    if _wants_grad(x, *firsts, *cores, *lasts, bias):
+    if any(series_args[-1]):
         return list(_BottleneckFunction.apply(x, bias, series_args, *firsts, *cores, *lasts))
     with _below_autograd():
         return _bottleneck_op(x, firsts, cores, lasts, bias, *series_args)
@@ -287,8 +285,7 @@ def _autocast(*tensor_groups):
     x = tensor_groups[0]
     if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
         return tensor_groups  # bad input is reported by the validation that follows
-    device_type = x.device.type
-    dtype = torch.get_autocast_dtype(device_type)
+    dtype = torch.get_autocast_dtype(x.device.type)
 
     def cast(t):
         if isinstance(t, torch.Tensor):
@@ -302,29 +299,29 @@ def _autocast(*tensor_groups):
 
 def _check_backend(backend: str, x: Tensor) -> None:
     """Reject an unknown backend, or a forced one that cannot run x, before any kernel runs."""
-    _validate.check_backend(backend)
-    backends.check_available(backend, x.device, x.dtype)
+    backends.check_name(backend)
+    if backend != "auto":
+        backends.check_available(backend, x.device, x.dtype)
 
 
 def series_grouped_conv2d(x, cores, group_sizes, group_size, stride=1, padding=0, dilation=1,
                           backend="auto"):
     """Σ_{i: g_i <= group_size} conv2d(x, cores[i], groups=S // g_i), one fused op."""
     x, cores = _autocast(x, cores)
-    a = _validate.check_series_conv(x, cores, group_sizes, group_size, stride, padding, dilation)
+    geom = _validate.check_series_conv(x, cores, group_sizes, group_size, stride, padding, dilation)
     _check_backend(backend, x)
-    return _series_op(x, list(cores), list(a.group_sizes), a.group_size, list(a.stride),
-                      list(a.padding), list(a.dilation), backend)
+    needs = [_wants_grad(x), _wants_grad(*cores)]
+    return _series_op(x, list(cores), *geom.as_lists(), backend, needs if any(needs) else [])
 
 
 def series_bottleneck_conv2d(x, firsts, cores, lasts, bias, group_sizes, group_size, stride=1,
                              padding=0, dilation=1, backend="auto"):
     """The decomposed layer at one group size: 1×1 ΣA_i → series core → 1×1 ΣC_i + bias."""
     x, firsts, cores, lasts, bias = _autocast(x, firsts, cores, lasts, bias)
-    a = _validate.check_bottleneck(x, firsts, cores, lasts, bias, group_sizes, group_size, stride,
-                                   padding, dilation)
+    geom = _validate.check_bottleneck(x, firsts, cores, lasts, bias, group_sizes, group_size,
+                                      stride, padding, dilation)
     _check_backend(backend, x)
-    tensors = [x, *firsts, *cores, *lasts] + ([bias] if bias is not None else [])
-    save_activations = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return _bottleneck_op(x, list(firsts), list(cores), list(lasts), bias, list(a.group_sizes),
-                          a.group_size, list(a.stride), list(a.padding), list(a.dilation),
-                          backend, save_activations)[0]
+    needs = [_wants_grad(x), _wants_grad(*firsts), _wants_grad(*cores), _wants_grad(*lasts),
+             _wants_grad(bias)]
+    return _bottleneck_op(x, list(firsts), list(cores), list(lasts), bias, *geom.as_lists(),
+                          backend, needs if any(needs) else [])[0]

@@ -4,6 +4,8 @@ import sys
 
 # Triton reads the flag when @triton.jit runs, so it must be set before any kernel module imports.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# auto's decisions stay in memory unless a test asks for the disk cache (tests/test_dispatch.py).
+os.environ.setdefault("GROSS_KERNELS_CACHE", "off")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402

@@ -6,7 +6,11 @@ import torch
 from torch import nn
 
 import gross_kernels as gk
-from gross_kernels import _validate, backends, folded, reference
+from gross_kernels import backends
+from gross_kernels.backends import fastpaths
+from gross_kernels.backends.base import Needs
+from gross_kernels.backends.reference import Reference
+from gross_kernels.geometry import SeriesGeom
 from oracle import naive_bottleneck, naive_series_conv
 from series_cases import random_case
 
@@ -124,12 +128,12 @@ def test_gradcheck_float64(backend):
 def _opcheck_args(backend):
     x = torch.randn(2, 4, 6, 5, requires_grad=True)
     cores = [torch.randn(8, g, 3, 3, requires_grad=True) for g in (1, 2, 4)]
-    series = (x, cores, [1, 2, 4], 2, [1, 1], [1, 1], [1, 1], backend)
+    series = (x, cores, [1, 2, 4], 2, [1, 1], [1, 1], [1, 1], backend, [True, True])
     firsts = [torch.randn(4, 3, 1, 1, requires_grad=True) for _ in range(3)]
     lasts = [torch.randn(5, 8, 1, 1, requires_grad=True) for _ in range(3)]
     xb = torch.randn(2, 3, 6, 5, requires_grad=True)
     bottleneck = (xb, firsts, cores, lasts, torch.randn(5, requires_grad=True), [1, 2, 4], 4,
-                  [2, 2], [1, 1], [1, 1], backend, True)
+                  [2, 2], [1, 1], [1, 1], backend, [True] * 5)
     return series, bottleneck
 
 
@@ -138,13 +142,15 @@ def test_opcheck(backend):
     series, bottleneck = _opcheck_args(backend)
     torch.library.opcheck(torch.ops.gross.series_grouped_conv2d.default, series)
     torch.library.opcheck(torch.ops.gross.series_bottleneck_conv2d.default, bottleneck)
-    # Without saved activations (inference, or a backend that recomputes them in the backward).
+    # Inference (no activations kept), and a training call with x frozen.
+    torch.library.opcheck(torch.ops.gross.series_bottleneck_conv2d.default, bottleneck[:-1] + ([],))
     torch.library.opcheck(torch.ops.gross.series_bottleneck_conv2d.default,
-                          bottleneck[:-1] + (False,))
+                          (bottleneck[0].detach(),) + bottleneck[1:-1] + ([False] + [True] * 4,))
     x, cores = series[0], series[1]
     grad = torch.randn(2, 8, 6, 5)
-    torch.library.opcheck(torch.ops.gross.series_grouped_conv2d_backward.default,
-                          (grad, x.detach(), [c.detach() for c in cores], *series[2:], True, True))
+    for needs in ([True, True], [False, True], [True, False]):
+        torch.library.opcheck(torch.ops.gross._series_grouped_conv2d_backward.default,
+                              (grad, x.detach(), [c.detach() for c in cores], *series[2:-1], needs))
 
 
 class _SmallNet(nn.Module):
@@ -245,31 +251,47 @@ def _dense_core_layer(dtype):
     return x, firsts, cores, lasts, bias
 
 
+@pytest.fixture
+def static_rule():
+    """auto follows its static rule (no measuring) for the test."""
+    gk.set_autotune(False)
+    yield
+    gk.set_autotune(None)
+
+
+def _kernel_args(x, firsts, cores, lasts, bias, geom):
+    n = geom.num_active
+    return x, sum(firsts[:n]), list(cores), sum(lasts[:n]), bias, geom
+
+
 @pytest.mark.parametrize("geometry", [(1, 1, 1), (2, 1, 1), (1, 2, 2), (2, 0, 1)])
 def test_folded_dense_core_matches_reference_in_float64(geometry):
     stride, padding, dilation = ((v, v) for v in geometry)
     x, firsts, cores, lasts, bias = _dense_core_layer(torch.float64)
-    A, C = firsts[0] + firsts[1], lasts[0] + lasts[1]
-    args = (A, cores, C, bias, (3, 6), 6, stride, padding, dilation)
-    out_hw = _validate.output_hw(x.shape[2:], (3, 3), stride, padding, dilation)
-    assert folded.pays(tuple(x.shape), 6, 8, 8, (3, 3), 6, out_hw)
+    geom = SeriesGeom((3, 6), 6, stride, padding, dilation)
+    x, A, cores, C, bias, geom = _kernel_args(x, firsts, cores, lasts, bias, geom)
+    sig = backends.signature("bottleneck", x, cores, geom, Needs(), A, C, bias)
+    assert fastpaths._folding_pays(sig)
+    folded, reference = fastpaths.Folded(), Reference()
     with torch.no_grad():
-        y = folded.bottleneck_forward(x, *args)
-        torch.testing.assert_close(y, reference.bottleneck_forward(x, *args), rtol=1e-12,
-                                   atol=1e-12)
+        y = folded.bottleneck_forward(x, A, cores, C, bias, geom)
+        torch.testing.assert_close(y, reference.bottleneck_forward(x, A, cores, C, bias, geom),
+                                   rtol=1e-12, atol=1e-12)
         grad_y = torch.randn_like(y)
-        got = folded.bottleneck_backward(grad_y, x, *args)
-        want = reference.bottleneck_backward(grad_y, x, *args)
+        got = folded.bottleneck_backward(grad_y, x, A, cores, C, bias, geom)
+        want = reference.bottleneck_backward(grad_y, x, A, cores, C, bias, geom)
     for g, w in zip(got, want):
         for a, b in (zip(g, w) if isinstance(g, list) else [(g, w)]):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_auto_folds_a_dense_core_and_matches_the_oracle():
+def test_static_rule_folds_a_dense_core_and_matches_the_oracle(static_rule):
     x, firsts, cores, lasts, bias = _dense_core_layer(torch.float32)
     args = (firsts, cores, lasts, bias, (3, 6), 6, 1, 1)
-    kernels = backends.resolve("auto", x.device, x.dtype)
-    assert not kernels.keeps_activations(x, firsts[0], cores, lasts[0], 6, (1, 1), (1, 1), (1, 1))
+    geom = SeriesGeom((3, 6), 6, (1, 1), (1, 1))
+    kernels = backends.choose("auto", "bottleneck", x, cores, geom, Needs(), A=firsts[0],
+                              C=lasts[0], bias=bias)
+    assert kernels.name == "folded"
     y = gk.series_bottleneck_conv2d(x, *args)
     leaves = [x, *firsts, *cores, *lasts, bias]
     grad_out = torch.randn_like(y)
@@ -280,18 +302,19 @@ def test_auto_folds_a_dense_core_and_matches_the_oracle():
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-3)
     torch.library.opcheck(torch.ops.gross.series_bottleneck_conv2d.default,
                           (x, firsts, cores, lasts, bias, [3, 6], 6, [1, 1], [1, 1], [1, 1],
-                           "auto", True))
+                           "auto", [True] * 5))
 
 
-def test_torch_compile_of_a_folding_layer_matches_eager():
+def test_torch_compile_of_a_folding_layer_matches_eager(static_rule):
     layer = gk.SeriesConv2d(8, 8, 3, (2, 4, 8), padding=1)
     for p in layer.parameters():
         nn.init.normal_(p, std=0.3)
     layer.group_size = 8
     x = torch.randn(4, 8, 12, 12, requires_grad=True)
-    kernels = backends.resolve("auto", x.device, x.dtype)
-    assert not kernels.keeps_activations(x, layer.firsts[0], list(layer.cores), layer.lasts[0], 8,
-                                         (1, 1), (1, 1), (1, 1))
+    geom = SeriesGeom((2, 4, 8), 8, (1, 1), (1, 1))
+    kernels = backends.choose("auto", "bottleneck", x, list(layer.cores), geom, Needs(),
+                              A=layer.firsts[0], C=layer.lasts[0], bias=layer.bias)
+    assert kernels.name == "folded" and not kernels.keeps_activations(x, None, None, None, geom)
     eager = layer(x)
     eager_grads = torch.autograd.grad(eager.square().sum(), [x, *layer.parameters()])
     out = torch.compile(layer, fullgraph=True)(x)

@@ -56,7 +56,8 @@ def bottleneck_forward(x, A, cores, C, bias, group_sizes, group_size, stride, pa
 
 
 def bottleneck_backward(grad_y, x, A, cores, C, bias, group_sizes, group_size, stride, padding,
-                        dilation):
-    """(grad_x, grad_A, grad_cores_active, grad_C, grad_bias or None) of the decomposed layer."""
+                        dilation, needs=(True,) * 5):
+    """(grad_x, grad_A, grad_cores_active, grad_C, grad_bias) of the decomposed layer; None where
+    `needs` (flags for x, A, cores, C, bias) asks for no gradient."""
     return _bottleneck.backward(grad_y, x, A, cores, C, bias, group_sizes, group_size, stride,
-                                padding, dilation)
+                                padding, dilation, needs)

@@ -174,20 +174,27 @@ def forward(x, A, cores, C, bias, group_sizes, group_size, stride, padding, dila
     return _pointwise(z, C, bias)
 
 
-def backward(grad_y, x, A, cores, C, bias, group_sizes, group_size, stride, padding, dilation):
-    """(grad_x, grad_A, grad_cores_active, grad_C, grad_bias or None), by separate Triton kernels.
+def backward(grad_y, x, A, cores, C, bias, group_sizes, group_size, stride, padding, dilation,
+             needs=(True,) * 5):
+    """(grad_x, grad_A, grad_cores_active, grad_C, grad_bias), by separate Triton kernels; None
+    where `needs` (flags for x, A, cores, C, bias) asks for no gradient.
 
     u and z are recomputed (two GEMM-shaped launches) rather than saved by the forward pass.
     """
+    need_x, need_A, need_cores, need_C, need_bias = needs
+    need_u = need_x or need_A
     u = _pointwise(x, A)
     z = series.forward(u, cores, group_sizes, group_size, stride, padding, dilation)
-    grad_C = _pointwise_weight_grad(grad_y, z, C)
-    grad_z = _pointwise_input_grad(grad_y, C, z.shape)
+    grad_C = _pointwise_weight_grad(grad_y, z, C) if need_C else None
+    grad_z = _pointwise_input_grad(grad_y, C, z.shape) if need_u or need_cores else None
     grad_cores = series.backward_weight(grad_z, u, cores, group_sizes, group_size, stride,
-                                        padding, dilation)
-    grad_u = series.backward_input(grad_z, cores, group_sizes, group_size, u.shape, stride,
-                                   padding, dilation)
-    grad_A = _pointwise_weight_grad(grad_u, x, A)
-    grad_x = _pointwise_input_grad(grad_u, A, x.shape)
-    grad_bias = grad_y.sum(dim=(0, 2, 3), dtype=torch.float32).to(bias.dtype) if bias is not None else None
+                                        padding, dilation) if need_cores else None
+    grad_x = grad_A = None
+    if need_u:
+        grad_u = series.backward_input(grad_z, cores, group_sizes, group_size, u.shape, stride,
+                                       padding, dilation)
+        grad_A = _pointwise_weight_grad(grad_u, x, A) if need_A else None
+        grad_x = _pointwise_input_grad(grad_u, A, x.shape) if need_x else None
+    grad_bias = (grad_y.sum(dim=(0, 2, 3), dtype=torch.float32).to(bias.dtype)
+                 if bias is not None and need_bias else None)
     return grad_x, grad_A, grad_cores, grad_C, grad_bias

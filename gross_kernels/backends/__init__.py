@@ -1,0 +1,270 @@
+"""Backends: the registry of ways to run the series ops, and `auto`'s choice among them per call signature.
+
+`backend="auto"` decides once per call signature (device and its name, dtype, shapes of x and of
+the terms, geometry, group size, which gradients are wanted; the batch size bucketed to a power
+of two): every candidate that can run the call runs it on the call's own inputs, is checked
+against a float64 computation of `reference` (`_autotune`), the ones that agree are timed, and
+the fastest is kept, in memory and in a JSON cache on disk (`_cache`). `reference` is always a
+candidate, so `auto` is never wrong and never slower than PyTorch's own convolutions.
+
+It does not measure, and follows `fastpaths.static_choice` (PyTorch's own convolutions only),
+when GROSS_KERNELS_AUTOTUNE=0 or `set_autotune(False)`, under torchrun (so that every rank runs
+the same backend without any collective), and while torch.compile traces a call whose decision is
+not known yet (the decision made then stands for the process, so the compiled call agrees).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..geometry import SeriesGeom
+from . import _autotune, _cache, fastpaths
+from .base import Backend, Needs
+from .compiled import Compiled
+from .reference import Reference
+from .triton import Triton
+
+# The names `backend=` has always accepted; `available_backends()` lists these.
+PUBLIC = ("reference", "cpp", "triton", "cuda")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was forced (`backend="..."`) but cannot run these tensors here."""
+
+
+_REGISTRY: dict = {}
+
+
+def register(backend: Backend) -> Backend:
+    """Add `backend` to the registry: `auto` tries it, `backend=backend.name` forces it."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend must be a gross_kernels.backends.base.Backend, got {type(backend).__name__}")
+    if not backend.name or backend.name == "auto":
+        raise ValueError(f"backend.name must be a non-empty name other than 'auto', got {backend.name!r}")
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def unregister(name: str) -> None:
+    """Remove a registered backend (and every decision that chose it)."""
+    _REGISTRY.pop(name, None)
+    for signature in [s for s, d in _DECISIONS.items() if d.winner == name]:
+        del _DECISIONS[signature]
+
+
+for _backend in (Reference(), fastpaths.ChannelsLast(), fastpaths.Folded(), Compiled("cpp"),
+                 Compiled("cuda"), Triton()):
+    register(_backend)
+
+
+def check_name(backend) -> str:
+    """The backend must be 'auto' or a registered name."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend != "auto" and backend not in _REGISTRY:
+        raise ValueError(f"backend must be one of {('auto',) + tuple(_REGISTRY)}, got {backend!r}")
+    return backend
+
+
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why backend `name` cannot run tensors of this device and dtype (None if it can)."""
+    return _REGISTRY[check_name(name)].unavailable_reason(torch.device(device), dtype)
+
+
+def available_backends(device=None) -> list:
+    """Public backends that can run on this machine (on `device` if given, else on any local device)."""
+    devices = [torch.device(device)] if device is not None else [torch.device("cpu")] + (
+        [torch.device("cuda")] if torch.cuda.is_available() else [])
+    return [name for name in PUBLIC
+            if any(unavailable_reason(name, d, torch.float32) is None for d in devices)]
+
+
+def check_available(backend: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """The forced backend `backend`; raises BackendUnavailableError if it cannot run here."""
+    reason = unavailable_reason(backend, device, dtype)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend={backend!r} is unavailable: {reason}")
+    return _REGISTRY[backend]
+
+
+# ---------------------------------------------------------------- signatures -------------------
+
+@functools.lru_cache(maxsize=None)
+def device_name(device: torch.device) -> str:
+    """The device's model name: the GPU's, or the CPU's from /proc/cpuinfo where there is one."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _batch_bucket(n: int) -> int:
+    # Decisions are shared by batch sizes within a factor of two (a short last batch included).
+    return 1 << (int(n) - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What `auto` decides per: the op, device, dtype, shapes, geometry and wanted gradients."""
+
+    op: str              # "series" or "bottleneck"
+    device: str          # device type and model name, e.g. "cuda:NVIDIA H200"
+    dtype: str
+    batch: int           # the batch size's power-of-two bucket
+    x: tuple             # (C, H, W) of x
+    channels_last: bool
+    S: int
+    T: int
+    C_out: int           # 0 for the series op
+    kernel: tuple
+    bias: bool
+    geom: SeriesGeom
+    needs: Needs
+    threads: int         # intra-op threads on the CPU (0 on a GPU)
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":", 1)[0]
+
+    def key(self) -> str:
+        """A compact, stable text form (the disk cache's key)."""
+        g = self.geom
+        shape = "x".join(map(str, (self.batch, *self.x)))
+        parts = [self.op, self.device, self.dtype, f"N{shape}", "cl" if self.channels_last else "nchw",
+                 f"S{self.S}T{self.T}O{self.C_out}", "k" + "x".join(map(str, self.kernel)),
+                 "bias" if self.bias else "nobias", "gs" + ",".join(map(str, g.group_sizes)),
+                 f"G{g.group_size}", "s{}p{}d{}".format(*(",".join(map(str, v)) for v in g.conv)),
+                 "needs" + "".join("1" if n else "0" for n in self.needs), f"t{self.threads}"]
+        return "|".join(parts)
+
+    def describe(self) -> str:
+        """A short human-readable form for reports and warnings."""
+        mode = ("inference" if not self.needs.any else
+                "train" if self.needs.x else "train, x frozen")
+        extra = "" if self.op == "bottleneck" else " series-only"
+        return (f"{self.op}{extra} {self.dtype} N≤{self.batch} {self.x[0]}→{self.C_out or self.T} "
+                f"@{self.x[1]}x{self.x[2]} S{self.S}/T{self.T} G={self.geom.group_size} "
+                f"s{self.geom.stride[0]} {mode}")
+
+
+def signature(op, x, cores, geom, needs, A=None, C=None, bias=None) -> Signature:
+    """The dispatch signature of one call (A, C: the summed 1×1 factors of the layer op)."""
+    T, _, kh, kw = cores[0].shape
+    S = A.shape[0] if A is not None else x.shape[1]
+    on_cpu = x.device.type == "cpu"
+    return Signature(op, f"{x.device.type}:{device_name(x.device)}", str(x.dtype).split(".")[-1],
+                     _batch_bucket(x.shape[0]), tuple(int(d) for d in x.shape[1:]),
+                     x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+                         memory_format=torch.channels_last),
+                     int(S), int(T), int(C.shape[0]) if C is not None else 0, (int(kh), int(kw)),
+                     bias is not None, geom, needs, torch.get_num_threads() if on_cpu else 0)
+
+
+# ---------------------------------------------------------------- the choice -------------------
+
+_DECISIONS: dict = {}   # Signature -> _autotune.Decision, in the order first seen
+_SETTINGS = {"autotune": None}
+
+
+def set_autotune(enabled: Optional[bool]) -> None:
+    """Measure candidates per signature (True), follow the static rule (False), or follow
+    GROSS_KERNELS_AUTOTUNE (None, the default: measure unless it is 0). Clears the decisions."""
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool or None, got {type(enabled).__name__}")
+    _SETTINGS["autotune"] = enabled
+    reset()
+
+
+def autotune_enabled() -> bool:
+    """Whether `auto` measures (see `set_autotune`)."""
+    if _SETTINGS["autotune"] is not None:
+        return _SETTINGS["autotune"]
+    return os.environ.get("GROSS_KERNELS_AUTOTUNE", "1").strip() != "0"
+
+
+def reset() -> None:
+    """Forget every decision made in this process (the disk cache is kept)."""
+    _DECISIONS.clear()
+
+
+def _distributed() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def candidates(sig: Signature, device: torch.device, dtype: torch.dtype) -> list:
+    """The registered backends `auto` may try for this signature, `reference` first."""
+    return [b for b in _REGISTRY.values()
+            if b.tunes_on(device) and b.applies(sig) and b.unavailable_reason(device, dtype) is None]
+
+
+def _static(sig: Signature, source: str) -> _autotune.Decision:
+    return _autotune.Decision(fastpaths.static_choice(sig), source)
+
+
+def _decide(sig, device, dtype, inputs, tracing) -> Optional[_autotune.Decision]:
+    """A decision for a signature not seen yet in this process (None: decide again next call)."""
+    if not autotune_enabled():
+        return _static(sig, "static")
+    if _distributed():
+        return _static(sig, "static (torchrun)")
+    cached = _cache.lookup(sig)
+    if cached is not None and cached.winner in _REGISTRY:
+        if tracing:
+            return cached
+        # Re-checked on this process's inputs before it is trusted.
+        checked = _autotune.measure(sig, [_REGISTRY["reference"], _REGISTRY[cached.winner]],
+                                    inputs, time_them=False)
+        if checked is not None and checked.candidates[cached.winner].verdict == "ok":
+            cached.seconds = checked.seconds
+            return cached
+    if tracing:
+        return _static(sig, "static (traced)")
+    start = time.perf_counter()
+    decision = _autotune.measure(sig, candidates(sig, device, dtype), inputs)
+    if decision is not None:
+        decision.seconds = time.perf_counter() - start
+        _cache.store(sig, decision)
+    return decision
+
+
+def choose(backend: str, op: str, x, cores, geom: SeriesGeom, needs: Needs, A=None, C=None,
+           bias=None, tracing: bool = False) -> Backend:
+    """The backend that runs this call: the forced one, or `auto`'s decision for its signature.
+
+    `tracing`: called by a fake kernel (shapes only): nothing runs, nothing is timed.
+    """
+    if backend != "auto":
+        return check_available(backend, x.device, x.dtype)
+    sig = signature(op, x, cores, geom, needs, A, C, bias)
+    decision = _DECISIONS.get(sig)
+    if decision is None:
+        inputs = _autotune.Inputs(op, x, list(cores), geom, needs, A, C, bias)
+        decision = _decide(sig, x.device, x.dtype, inputs, tracing)
+        if decision is None:  # non-finite inputs: nothing can be verified on them
+            return _REGISTRY["reference"]
+        _DECISIONS[sig] = decision
+    return _REGISTRY[decision.winner]
+
+
+def dispatch_report(show: bool = True) -> list:
+    """The decisions `auto` made in this process, one dict per signature (signature, source,
+    winner, candidates with their times and verdicts, seconds spent deciding); printed as a
+    markdown table when `show`."""
+    rows = [{"signature": sig.describe(), "key": sig.key(), **decision.to_json()}
+            for sig, decision in _DECISIONS.items()]
+    if show:
+        print(_autotune.format_report(rows))
+    return rows

@@ -1,0 +1,229 @@
+"""`auto`'s measurement: each candidate runs the call's own inputs, is checked against a float64
+computation, and the ones that agree are timed.
+
+A candidate is admitted when, for the output and (in a training call) every gradient the call
+wants, its error against `reference` run in float64 is at most twice the error of `reference` run
+in the call's own dtype, plus a floor (`FLOORS`); errors are max |difference| / max |float64 value|.
+The training check backpropagates a random output gradient (from a private generator: the global
+random stream is left untouched). Admitted candidates are timed round-robin (CUDA events on a
+GPU) and the one with the lowest median wins.
+"""
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional
+
+import torch
+
+# Error floor per dtype, relative to the largest float64 value: what agreeing within rounding of
+# that dtype allows on top of twice the same-dtype reference's own error.
+FLOORS = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+REPEATS = {"cpu": 5, "cuda": 10}
+# Fast calls get more repeats (up to this many), as long as a decision stays within about 0.1 s.
+_MAX_REPEATS, _TIMING_BUDGET_MS = 21, 100.0
+# A candidate slower than this many times the fastest one after the first round is not timed again.
+_HOPELESS = 3.0
+
+
+class Inputs(NamedTuple):
+    """One call's tensors at the kernel level (A, C: the summed 1×1 factors; None for the series op)."""
+
+    op: str
+    x: torch.Tensor
+    cores: list
+    geom: object
+    needs: object
+    A: Optional[torch.Tensor] = None
+    C: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+
+    def cast(self, dtype):
+        """The same call in another dtype (detached copies)."""
+        def c(t):
+            return None if t is None else t.detach().to(dtype)
+        return self._replace(x=c(self.x), cores=[c(t) for t in self.cores], A=c(self.A),
+                             C=c(self.C), bias=c(self.bias))
+
+
+@dataclass
+class Verdict:
+    """How one candidate fared: "ok", "rejected" (disagrees), "error" (raised), "untimed"."""
+
+    verdict: str
+    error: Optional[float] = None
+    ms: Optional[float] = None
+    detail: str = ""
+
+
+@dataclass
+class Decision:
+    """The backend chosen for a signature, how ("measured", "cache", "static", ...), and why."""
+
+    winner: str
+    source: str
+    candidates: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"winner": self.winner, "source": self.source, "seconds": round(self.seconds, 4),
+                "candidates": {n: vars(v) for n, v in self.candidates.items()}}
+
+    @classmethod
+    def from_json(cls, record: dict, source: str) -> "Decision":
+        return cls(record["winner"], source,
+                   {n: Verdict(**v) for n, v in record.get("candidates", {}).items()})
+
+
+def _step(backend, inputs: Inputs, grad_out):
+    """Run the call once on `backend`; returns the output and every wanted gradient, flattened."""
+    x, cores, geom, needs = inputs.x, inputs.cores, inputs.geom, inputs.needs
+    if inputs.op == "series":
+        z = backend.series_forward(x, cores, geom)
+        if grad_out is None:
+            return [z]
+        gx, gcores = backend.series_backward(grad_out, x, cores, geom, needs.x, needs.cores)
+        return [z] + ([gx] if needs.x else []) + (list(gcores) if needs.cores else [])
+    A, C, bias = inputs.A, inputs.C, inputs.bias
+    if grad_out is None:
+        return [backend.bottleneck_forward(x, A, cores, C, bias, geom)]
+    if backend.keeps_activations(x, A, cores, C, geom):
+        y, u, z = backend.bottleneck_forward_saving(x, A, cores, C, bias, geom)
+        activations = (u, z)
+    else:
+        y, activations = backend.bottleneck_forward(x, A, cores, C, bias, geom), None
+    gx, gA, gcores, gC, gbias = backend.bottleneck_backward(grad_out, x, A, cores, C, bias, geom,
+                                                            needs, activations)
+    wanted = [(needs.x, [gx]), (needs.A, [gA]), (needs.cores, gcores), (needs.C, [gC]),
+              (needs.bias and bias is not None, [gbias])]
+    return [y] + [g for want, grads in wanted if want for g in grads]
+
+
+def _errors(outputs, oracle) -> list:
+    errors = []
+    for out, want in zip(outputs, oracle):
+        scale = want.abs().max().item()
+        diff = (out.to(want.dtype) - want).abs().max().item()
+        errors.append(diff / scale if scale > 0 else diff)
+    return errors
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_round(fns: dict, device) -> dict:
+    """Milliseconds of one call of each function (CUDA events on a GPU)."""
+    out = {}
+    for name, fn in fns.items():
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            out[name] = (start, end)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out[name] = (time.perf_counter() - t0) * 1e3
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        out = {name: s.elapsed_time(e) for name, (s, e) in out.items()}
+    return out
+
+
+def _timings(fns: dict, device, repeats: int) -> dict:
+    """Median ms per function, round-robin (each round starts at another one); hopeless ones drop out."""
+    times = {name: [] for name in fns}
+    names = list(fns)
+    r = 0
+    while r < repeats:
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name, ms in _time_round({n: fns[n] for n in order}, device).items():
+            times[name].append(ms)
+        if r == 0:
+            best = min(t[0] for t in times.values())
+            names = [n for n in names if times[n][0] <= _HOPELESS * best]
+            round_ms = sum(times[n][0] for n in names)
+            repeats = max(repeats, min(_MAX_REPEATS, int(_TIMING_BUDGET_MS / max(round_ms, 1e-3))))
+        r += 1
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def measure(sig, backends: list, inputs: Inputs, time_them: bool = True) -> Optional[Decision]:
+    """Check every backend on `inputs` against float64 `reference`, time those that agree, pick the
+    fastest. `backends[0]` must be the reference. None when the float64 output is not finite."""
+    reference, device, dtype = backends[0], inputs.x.device, inputs.x.dtype
+    with torch.no_grad():
+        grad_out = None
+        if inputs.needs.any:
+            kh, kw = inputs.cores[0].shape[2:]
+            shape = (inputs.x.shape[0], inputs.C.shape[0] if inputs.op == "bottleneck"
+                     else inputs.cores[0].shape[0], *inputs.geom.output_hw(inputs.x.shape[2:], (kh, kw)))
+            gen = torch.Generator(device=device).manual_seed(0)
+            grad_out = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+            if inputs.x.dim() == 4 and not inputs.x.is_contiguous():
+                grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+        precise = inputs.cast(torch.float64)
+        oracle = _step(reference, precise, None if grad_out is None else grad_out.double())
+        if not all(torch.isfinite(t).all() for t in oracle):
+            return None
+        floor = FLOORS.get(dtype, 2e-2)
+        own = _errors(_step(reference, inputs, grad_out), oracle)  # its failure is the call's
+        verdicts = {reference.name: Verdict("ok", max(own))}
+        runnable = {reference.name: functools.partial(_step, reference, inputs, grad_out)}
+        for backend in backends[1:]:
+            if backend.name in verdicts:
+                continue
+            try:
+                errors = _errors(_step(backend, inputs, grad_out), oracle)
+            except Exception as error:  # noqa: BLE001 - any failure excludes the candidate
+                verdicts[backend.name] = Verdict("error", detail=f"{type(error).__name__}: {error}")
+                _warn(backend.name, sig, verdicts[backend.name].detail)
+                continue
+            worst = max(errors)
+            bad = [i for i, (e, r) in enumerate(zip(errors, own)) if not e <= 2 * r + floor]
+            if bad:
+                what = ["output"] + [f"gradient {i}" for i in range(1, len(errors))]
+                detail = (f"{what[bad[0]]} differs from float64 by {errors[bad[0]]:.2e} "
+                          f"(reference in {str(dtype).split('.')[-1]}: {own[bad[0]]:.2e})")
+                verdicts[backend.name] = Verdict("rejected", worst, detail=detail)
+                _warn(backend.name, sig, detail)
+                continue
+            verdicts[backend.name] = Verdict("ok", worst)
+            runnable[backend.name] = functools.partial(_step, backend, inputs, grad_out)
+        if not time_them or len(runnable) == 1:
+            winner = next(iter(runnable))
+        else:
+            if device.type == "cuda":
+                _time_round(runnable, device)  # one more untimed round: lazy compilation, caches
+            times = _timings(runnable, device, REPEATS.get(device.type, 5))
+            for name, ms in times.items():
+                verdicts[name].ms = ms
+            winner = min(times, key=times.get)
+    return Decision(winner, "measured" if time_them else "checked", verdicts)
+
+
+def _warn(name, sig, detail):
+    warnings.warn(f"gross_kernels auto: backend {name!r} excluded for [{sig.describe()}]: {detail}",
+                  RuntimeWarning, stacklevel=2)
+
+
+def format_report(rows) -> str:
+    """A markdown table of `dispatch_report` rows, with the total time spent deciding."""
+    lines = ["| signature | winner | source | candidates (median ms, verdict) | decide s |",
+             "|---|---|---|---|---:|"]
+    for row in rows:
+        cells = []
+        for name, v in row["candidates"].items():
+            ms = f"{v['ms']:.3f} ms" if v.get("ms") is not None else ""
+            cells.append(f"{name} {ms} {v['verdict']}".replace("  ", " "))
+        lines.append(f"| {row['signature']} | {row['winner']} | {row['source']} | "
+                     f"{'; '.join(cells)} | {row['seconds']:.2f} |")
+    total = sum(row["seconds"] for row in rows)
+    lines.append(f"\n{len(rows)} signatures, {total:.1f} s spent deciding")
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""The interface every backend implements (`Backend`), and `Composed`: a whole decomposed layer from
+a backend's series kernels and 1×1 convolutions.
+
+Arguments arrive validated: `x` (N, S, H, W) for the series op or (N, C_in, H, W) for the layer,
+any strides; `cores[i]` (T, g_i, kh, kw); `A` = Σ active firsts (S, C_in, 1, 1) and `C` = Σ active
+lasts (C_out, T, 1, 1), summed by the op layer; `bias` (C_out,) or None; `geom` a `SeriesGeom`.
+Gradients come back for the active terms only, and None where `needs` says they are not wanted.
+"""
+from __future__ import annotations
+
+import abc
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+class Needs(NamedTuple):
+    """Which gradients a backward computes: x, the summed first 1×1 A, the cores, the summed last 1×1 C, bias."""
+
+    x: bool = True
+    A: bool = True
+    cores: bool = True
+    C: bool = True
+    bias: bool = True
+
+    @property
+    def any(self) -> bool:
+        """Whether a backward will run at all (a training call)."""
+        return any(self)
+
+
+NO_GRAD = Needs(False, False, False, False, False)
+_UNIT = ((1, 1), (0, 0), (1, 1), 1)  # stride, padding, dilation, groups of a 1×1 convolution
+
+
+def conv_backward(grad_out, x, weight, stride, padding, dilation, groups, need_x=True,
+                  need_weight=True):
+    """(grad_x, grad_weight) of a bias-free convolution from one ATen backward; None where not needed."""
+    if not (need_x or need_weight):
+        return None, None
+    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_out, x, weight, None, list(stride), list(padding), list(dilation), False, [0, 0],
+        groups, [need_x, need_weight, False])
+    return grad_x, grad_weight
+
+
+def pointwise(x, weight, bias=None):
+    """A 1×1 convolution."""
+    return F.conv2d(x, weight, bias)
+
+
+class Backend(abc.ABC):
+    """One way to run the series ops. Required: the five kernels; optional (defaults here): whether
+    the backend applies to a call, and whether/how its layer forward keeps activations for the backward.
+
+    `name` is what `backend=` forces and what dispatch reports show.
+    """
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        """Why this backend cannot run tensors of this device and dtype here (None: it can)."""
+
+    def tunes_on(self, device: torch.device) -> bool:
+        """Whether `auto` may try this backend on `device` (False for debugging-only paths)."""
+        return True
+
+    def applies(self, signature) -> bool:
+        """Whether this backend is a candidate for a call of this dispatch signature (variants
+        that exist only for some layers say no for the others)."""
+        return True
+
+    # --- the summed series of grouped convolutions
+    @abc.abstractmethod
+    def series_forward(self, x, cores, geom):
+        """z = Σ_active conv2d(x, cores[i], groups=S/g_i)."""
+
+    @abc.abstractmethod
+    def series_backward(self, grad_z, x, cores, geom, need_x=True, need_cores=True):
+        """(grad_x or None, [grads of the active cores] or None)."""
+
+    # --- the whole decomposed layer
+    @abc.abstractmethod
+    def bottleneck_forward(self, x, A, cores, C, bias, geom):
+        """y = 1×1 C (series core (1×1 A x)) + bias."""
+
+    def keeps_activations(self, x, A, cores, C, geom) -> bool:
+        """Whether a training forward keeps u = A·x and z = core(u) for the backward."""
+        return False
+
+    def activation_layout(self, x, geom):
+        """Memory format of the kept u, z (None: x's own)."""
+        return None
+
+    def bottleneck_forward_saving(self, x, A, cores, C, bias, geom):
+        """(y, u, z): the forward of a backend that keeps its activations."""
+        raise NotImplementedError(f"backend {self.name!r} keeps no activations")
+
+    @abc.abstractmethod
+    def bottleneck_backward(self, grad_y, x, A, cores, C, bias, geom, needs=Needs(),
+                            activations=None):
+        """(grad_x, grad_A, [grads of the active cores], grad_C, grad_bias), None where not needed.
+
+        `activations` = (u, z) kept by `bottleneck_forward_saving`, or None (recompute them).
+        """
+
+    def __repr__(self):
+        return f"<gross_kernels backend {self.name!r}>"
+
+
+class Composed(Backend):
+    """A layer composed of 1×1 convolutions around the backend's own series kernels; it keeps u, z."""
+
+    def bottleneck_forward(self, x, A, cores, C, bias, geom):
+        return self.bottleneck_forward_saving(x, A, cores, C, bias, geom)[0]
+
+    def keeps_activations(self, x, A, cores, C, geom) -> bool:
+        return True
+
+    def bottleneck_forward_saving(self, x, A, cores, C, bias, geom):
+        u = pointwise(x, A)
+        z = self.series_forward(u, cores, geom)
+        return pointwise(z, C, bias), u, z
+
+    def bottleneck_backward(self, grad_y, x, A, cores, C, bias, geom, needs=Needs(),
+                            activations=None):
+        if activations is None:
+            u = pointwise(x, A)
+            z = self.series_forward(u, cores, geom)
+        else:
+            u, z = activations
+        # Each stage runs only for what a needed gradient depends on (no grad_x for a frozen x).
+        need_u = needs.x or needs.A
+        need_z = need_u or needs.cores
+        grad_bias = grad_y.sum(dim=(0, 2, 3)) if needs.bias and bias is not None else None
+        grad_z, grad_C = conv_backward(grad_y, z, C, *_UNIT, need_x=need_z, need_weight=needs.C)
+        grad_u = grad_cores = grad_x = grad_A = None
+        if need_z:
+            grad_u, grad_cores = self.series_backward(grad_z, u, cores, geom, need_x=need_u,
+                                                      need_cores=needs.cores)
+        if need_u:
+            grad_x, grad_A = conv_backward(grad_u, x, A, *_UNIT, need_x=needs.x,
+                                           need_weight=needs.A)
+        return grad_x, grad_A, grad_cores, grad_C, grad_bias
