@@ -128,11 +128,9 @@ def auto_path(tensors, group_sizes, group_size, pass_):
     """What `auto` decided to run on this row (where it is "reference", auto/ref shows noise only)."""
     x, firsts, cores, lasts, bias = tensors
     geom = SeriesGeom(tuple(group_sizes), group_size, (STRIDE,) * 2, (PADDING,) * 2, (DILATION,) * 2)
-    n = geom.num_active
     needs = Needs(x=pass_ == "fwd+bwd", A=pass_ != "fwd", cores=pass_ != "fwd", C=pass_ != "fwd",
                   bias=pass_ != "fwd")
-    key = gk_backends.signature("bottleneck", x, cores, geom, needs, sum(firsts[:n]), sum(lasts[:n]),
-                                bias).key()
+    key = gk_backends.signature("bottleneck", x, cores, geom, needs, firsts, lasts, bias).key()
     return next((row["winner"] for row in gk.dispatch_report(show=False) if row["key"] == key), "?")
 
 

@@ -7,6 +7,7 @@ import torch
 
 from .geometry import SeriesGeom
 
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

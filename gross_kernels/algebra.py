@@ -57,3 +57,11 @@ def effective_core(cores, group_sizes, group_size: int, S: int) -> torch.Tensor:
     for core, g in active[:-1]:
         _diagonal_blocks(total, S, g, group_size).add_(_as_diagonal(core, S, g, group_size))
     return total
+
+
+def sum_active(tensors, count: int):
+    """Σ of the first `count` tensors (the summed 1×1 factor A or C of the active terms)."""
+    total = tensors[0]
+    for t in tensors[1:count]:
+        total = total + t
+    return total

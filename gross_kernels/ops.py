@@ -1,8 +1,8 @@
 """Public series ops: `torch.library` ops (namespace `gross`) with autograd and fake kernels.
 
 Each public function validates its arguments (before any kernel runs), applies autocast, notes
-which gradients autograd will want, then calls an op whose implementation runs the backend that
-`backends.choose` gives for the call. The backward passes are ops too (private, `gross::_…`), so
+which gradients autograd will want and resolves `auto` to a concrete backend (`backends.resolve`),
+then calls an op that runs that backend: its forward, backward and fake kernels see one name. The backward passes are ops too (private, `gross::_…`), so
 `torch.compile` traces forward and backward without graph breaks. Outputs follow x's memory format.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _layout, _validate, backends
+from .algebra import sum_active
 from .backends.base import NO_GRAD, Needs
 from .geometry import SeriesGeom
 
@@ -141,13 +142,6 @@ _LIB.impl("series_grouped_conv2d", _series_autograd, "Autograd")
 # ---------------------------------------------------------------- bottleneck -------------------
 # `needs` = [x, firsts, cores, lasts, bias] (empty for inference).
 
-def _summed(tensors, count):
-    total = tensors[0]
-    for t in tensors[1:count]:
-        total = total + t
-    return total
-
-
 def _bottleneck_impl(x: Tensor, firsts: Sequence[Tensor], cores: Sequence[Tensor],
                      lasts: Sequence[Tensor], bias: Optional[Tensor], group_sizes: Sequence[int],
                      group_size: int, stride: Sequence[int], padding: Sequence[int],
@@ -155,8 +149,8 @@ def _bottleneck_impl(x: Tensor, firsts: Sequence[Tensor], cores: Sequence[Tensor
     """[y], or [y, u, z] when the backend keeps its activations for the backward."""
     geom, cores = _geom(group_sizes, group_size, stride, padding, dilation), list(cores)
     wants = Needs(*needs) if needs else NO_GRAD
-    A, C = _summed(firsts, geom.num_active), _summed(lasts, geom.num_active)
-    kernels = backends.choose(backend, "bottleneck", x, cores, geom, wants, A=A, C=C, bias=bias)
+    kernels = backends.choose(backend, "bottleneck", x, cores, geom, wants, firsts, lasts, bias)
+    A, C = sum_active(firsts, geom.num_active), sum_active(lasts, geom.num_active)
     fmt = _memory_format(x)
     if wants.any and kernels.keeps_activations(x, A, cores, C, geom):
         y, u, z = kernels.bottleneck_forward_saving(x, A, cores, C, bias, geom)
@@ -174,10 +168,10 @@ def _bottleneck_fake(x, firsts, cores, lasts, bias, group_sizes, group_size, str
     wants = Needs(*needs) if needs else NO_GRAD
     if not wants.any:
         return [y]
-    # Which activations exist depends on the backend: decided now (cached or static, never timed
-    # while tracing) and kept, so that the compiled call runs the same backend.
-    kernels = backends.choose(backend, "bottleneck", x, cores, geom, wants, A=firsts[0],
-                              C=lasts[0], bias=bias, tracing=True)
+    # Which activations exist depends on the backend (the public functions pass a concrete one;
+    # "auto" given to the op directly is decided here, never timed while tracing).
+    kernels = backends.choose(backend, "bottleneck", x, cores, geom, wants, firsts, lasts, bias,
+                              tracing=True)
     if not kernels.keeps_activations(x, firsts[0], cores, lasts[0], geom):
         return [y]
     layout = kernels.activation_layout(x, geom) or _memory_format(x)
@@ -197,8 +191,8 @@ def _bottleneck_backward_impl(grad: Tensor, x: Tensor, firsts: Sequence[Tensor],
     get zeros. `activations` is [u, z] when the forward kept them, else empty (recomputed)."""
     geom, cores = _geom(group_sizes, group_size, stride, padding, dilation), list(cores)
     wants, n = Needs(*needs), geom.num_active
-    A, C = _summed(firsts, n), _summed(lasts, n)
-    kernels = backends.choose(backend, "bottleneck", x, cores, geom, wants, A=A, C=C, bias=bias)
+    kernels = backends.choose(backend, "bottleneck", x, cores, geom, wants, firsts, lasts, bias)
+    A, C = sum_active(firsts, n), sum_active(lasts, n)
     grad = _layout.to_memory_format(grad, _memory_format(x))
     gx, gA, gcores, gC, gbias = kernels.bottleneck_backward(
         grad, x, A, cores, C, bias, geom, wants, tuple(activations) if activations else None)
@@ -311,7 +305,9 @@ def series_grouped_conv2d(x, cores, group_sizes, group_size, stride=1, padding=0
     geom = _validate.check_series_conv(x, cores, group_sizes, group_size, stride, padding, dilation)
     _check_backend(backend, x)
     needs = [_wants_grad(x), _wants_grad(*cores)]
-    return _series_op(x, list(cores), *geom.as_lists(), backend, needs if any(needs) else [])
+    needs = needs if any(needs) else []
+    name = backends.resolve(backend, "series", x, cores, geom, _series_needs(needs))
+    return _series_op(x, list(cores), *geom.as_lists(), name, needs)
 
 
 def series_bottleneck_conv2d(x, firsts, cores, lasts, bias, group_sizes, group_size, stride=1,
@@ -323,5 +319,8 @@ def series_bottleneck_conv2d(x, firsts, cores, lasts, bias, group_sizes, group_s
     _check_backend(backend, x)
     needs = [_wants_grad(x), _wants_grad(*firsts), _wants_grad(*cores), _wants_grad(*lasts),
              _wants_grad(bias)]
-    return _bottleneck_op(x, list(firsts), list(cores), list(lasts), bias, *geom.as_lists(),
-                          backend, needs if any(needs) else [])[0]
+    needs = needs if any(needs) else []
+    name = backends.resolve(backend, "bottleneck", x, cores, geom,
+                            Needs(*needs) if needs else NO_GRAD, firsts, lasts, bias)
+    return _bottleneck_op(x, list(firsts), list(cores), list(lasts), bias, *geom.as_lists(), name,
+                          needs)[0]

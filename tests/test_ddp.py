@@ -31,6 +31,7 @@ _SETUP = textwrap.dedent("""
 _WORKER = _SETUP + textwrap.dedent("""
     import json, sys
     import torch.distributed as dist
+    import gross_kernels as gk
     from gross import data, distributed
     from pipeline_helpers import small_embedded
 
@@ -45,6 +46,8 @@ _WORKER = _SETUP + textwrap.dedent("""
         torch.save(model.state_dict(), f"{out}/rank{rank}.pt")
         with open(f"{out}/history{rank}.json", "w") as f:
             json.dump(result.history, f)
+        with open(f"{out}/dispatch{rank}.json", "w") as f:
+            json.dump([[r["key"], r["winner"], r["source"]] for r in gk.dispatch_report(show=False)], f)
     dist.destroy_process_group()
 """)
 
@@ -92,3 +95,9 @@ def test_torchrun_two_processes_match_single_process(ddp_runs, mode):
             if key.startswith("val_acc"):
                 assert row_ddp[key] == row_single[key]  # exact shards, summed counts
     assert (out / train.CHECKPOINT_NAME).exists() and (out / "metrics.csv").exists()
+
+
+def test_torchrun_ranks_run_the_same_backend_without_collectives(ddp_runs):
+    decisions = [json.loads((ddp_runs / "search" / f"dispatch{r}.json").read_text()) for r in range(2)]
+    assert decisions[0] and decisions[0] == decisions[1]
+    assert {source for _, _, source in decisions[0]} == {"static (torchrun)"}

@@ -179,22 +179,44 @@ def test_dispatch_report_prints_every_decision(capsys):
 
 # ---------------------------------------------------------------- torch.compile ----------------
 
-def test_compile_first_then_eager_run_the_same_backend():
+def _compile_case():
     layer = gk.SeriesConv2d(6, 6, 3, (1, 3, 6), padding=1)
     for p in layer.parameters():
         nn.init.normal_(p, std=0.3)
     layer.group_size = 3
-    x = torch.randn(2, 6, 8, 8, requires_grad=True)
-    out = torch.compile(layer, fullgraph=True)(x)
-    grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
-    traced = {row["key"]: row for row in gk.dispatch_report(show=False)}
-    assert traced and {row["source"] for row in traced.values()} == {"static (traced)"}
-    eager = layer(x)
-    eager_grads = torch.autograd.grad(eager.square().sum(), [x, *layer.parameters()])
-    assert {row["key"]: row for row in gk.dispatch_report(show=False)} == traced
+    return layer, torch.randn(2, 6, 8, 8, requires_grad=True)
+
+
+def _compiled_and_eager(layer, x, first):
+    torch._dynamo.reset()  # trace afresh: a graph compiled by an earlier test carries its own choice
+    runs = {}
+    for name in (first, "eager" if first == "compiled" else "compiled"):
+        fn = torch.compile(layer, fullgraph=True) if name == "compiled" else layer
+        out = fn(x)
+        runs[name] = (out, torch.autograd.grad(out.square().sum(), [x, *layer.parameters()]))
+    (out, grads), (eager, eager_grads) = runs["compiled"], runs["eager"]
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     for g, ge in zip(grads, eager_grads):
         torch.testing.assert_close(g, ge, rtol=1e-4, atol=1e-5)
+    return {row["source"]: row["winner"] for row in gk.dispatch_report(show=False)}
+
+
+def test_compiled_layer_undecided_runs_reference_and_matches_eager():
+    winners = _compiled_and_eager(*_compile_case(), first="compiled")
+    assert winners["traced"] == "reference" and "measured" in winners
+
+
+def test_compiled_layer_runs_what_eager_decided():
+    winners = _compiled_and_eager(*_compile_case(), first="eager")
+    assert winners["traced"] == winners["measured"]
+
+
+def test_compile_with_dynamic_sizes_matches_eager():
+    layer, _ = _compile_case()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    for n, hw in ((2, 8), (3, 7)):
+        x = torch.randn(n, 6, hw, hw)
+        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- the disk cache ---------------

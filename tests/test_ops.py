@@ -270,7 +270,7 @@ def test_folded_dense_core_matches_reference_in_float64(geometry):
     x, firsts, cores, lasts, bias = _dense_core_layer(torch.float64)
     geom = SeriesGeom((3, 6), 6, stride, padding, dilation)
     x, A, cores, C, bias, geom = _kernel_args(x, firsts, cores, lasts, bias, geom)
-    sig = backends.signature("bottleneck", x, cores, geom, Needs(), A, C, bias)
+    sig = backends.signature("bottleneck", x, cores, geom, Needs(), firsts, lasts, bias)
     assert fastpaths._folding_pays(sig)
     folded, reference = fastpaths.Folded(), Reference()
     with torch.no_grad():
@@ -289,8 +289,7 @@ def test_static_rule_folds_a_dense_core_and_matches_the_oracle(static_rule):
     x, firsts, cores, lasts, bias = _dense_core_layer(torch.float32)
     args = (firsts, cores, lasts, bias, (3, 6), 6, 1, 1)
     geom = SeriesGeom((3, 6), 6, (1, 1), (1, 1))
-    kernels = backends.choose("auto", "bottleneck", x, cores, geom, Needs(), A=firsts[0],
-                              C=lasts[0], bias=bias)
+    kernels = backends.choose("auto", "bottleneck", x, cores, geom, Needs(), firsts, lasts, bias)
     assert kernels.name == "folded"
     y = gk.series_bottleneck_conv2d(x, *args)
     leaves = [x, *firsts, *cores, *lasts, bias]
@@ -313,7 +312,7 @@ def test_torch_compile_of_a_folding_layer_matches_eager(static_rule):
     x = torch.randn(4, 8, 12, 12, requires_grad=True)
     geom = SeriesGeom((2, 4, 8), 8, (1, 1), (1, 1))
     kernels = backends.choose("auto", "bottleneck", x, list(layer.cores), geom, Needs(),
-                              A=layer.firsts[0], C=layer.lasts[0], bias=layer.bias)
+                              list(layer.firsts), list(layer.lasts), layer.bias)
     assert kernels.name == "folded" and not kernels.keeps_activations(x, None, None, None, geom)
     eager = layer(x)
     eager_grads = torch.autograd.grad(eager.square().sum(), [x, *layer.parameters()])

@@ -110,9 +110,10 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def _batch_bucket(n: int) -> int:
+def _batch_bucket(n):
     # Decisions are shared by batch sizes within a factor of two (a short last batch included).
-    return 1 << (int(n) - 1).bit_length()
+    return None if n is None else 1 << (n - 1).bit_length()
+
 
 
 @dataclass(frozen=True)
@@ -153,23 +154,41 @@ class Signature:
         """A short human-readable form for reports and warnings."""
         mode = ("inference" if not self.needs.any else
                 "train" if self.needs.x else "train, x frozen")
-        extra = "" if self.op == "bottleneck" else " series-only"
-        return (f"{self.op}{extra} {self.dtype} N≤{self.batch} {self.x[0]}→{self.C_out or self.T} "
-                f"@{self.x[1]}x{self.x[2]} S{self.S}/T{self.T} G={self.geom.group_size} "
-                f"s{self.geom.stride[0]} {mode}")
+        size = ("any size" if self.batch is None else
+                f"N≤{self.batch} @{self.x[1]}x{self.x[2]}")  # traced: sizes left out
+        return (f"{self.op} {self.dtype} {size} {self.x[0]}→{self.C_out or self.T} "
+                f"S{self.S}/T{self.T} G={self.geom.group_size} s{self.geom.stride[0]} {mode}")
 
 
-def signature(op, x, cores, geom, needs, A=None, C=None, bias=None) -> Signature:
-    """The dispatch signature of one call (A, C: the summed 1×1 factors of the layer op)."""
+def _signature(op, device, dtype, shape, channels_last, S, T, C_out, kernel, bias, geom, needs):
+    return Signature(op, f"{device.type}:{device_name(device)}", str(dtype).split(".")[-1],
+                     _batch_bucket(shape[0]), tuple(shape[1:]), channels_last, S, T, C_out,
+                     tuple(kernel), bias, geom, needs,
+                     torch.get_num_threads() if device.type == "cpu" else 0)
+
+
+def _key_values(op, x, cores, geom, needs, firsts=None, lasts=None, bias=None) -> tuple:
+    """A call's signature as plain values."""
     T, _, kh, kw = cores[0].shape
-    S = A.shape[0] if A is not None else x.shape[1]
-    on_cpu = x.device.type == "cpu"
-    return Signature(op, f"{x.device.type}:{device_name(x.device)}", str(x.dtype).split(".")[-1],
-                     _batch_bucket(x.shape[0]), tuple(int(d) for d in x.shape[1:]),
-                     x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-                         memory_format=torch.channels_last),
-                     int(S), int(T), int(C.shape[0]) if C is not None else 0, (int(kh), int(kw)),
-                     bias is not None, geom, needs, torch.get_num_threads() if on_cpu else 0)
+    return (op, x.device.type, x.device.index, x.dtype, tuple(x.shape),
+            x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+                memory_format=torch.channels_last),
+            firsts[0].shape[0] if firsts is not None else x.shape[1], T,
+            lasts[0].shape[0] if lasts is not None else 0, (kh, kw), bias is not None,
+            (geom.group_sizes, geom.group_size, geom.stride, geom.padding, geom.dilation),
+            tuple(needs))
+
+
+def _from_key(op, device_type, index, dtype, shape, channels_last, S, T, C_out, kernel, bias,
+              geom, needs) -> Signature:
+    device = torch.device(device_type, index) if index is not None else torch.device(device_type)
+    return _signature(op, device, dtype, shape, channels_last, S, T, C_out, kernel, bias,
+                      SeriesGeom(*geom), Needs(*needs))
+
+
+def signature(op, x, cores, geom, needs, firsts=None, lasts=None, bias=None) -> Signature:
+    """The dispatch signature of one call (`firsts`, `lasts`: the layer op's 1×1 terms)."""
+    return _from_key(*_key_values(op, x, cores, geom, needs, firsts, lasts, bias))
 
 
 # ---------------------------------------------------------------- the choice -------------------
@@ -221,14 +240,15 @@ def _decide(sig, device, dtype, inputs, tracing) -> Optional[_autotune.Decision]
     if _distributed():
         return _static(sig, "static (torchrun)")
     cached = _cache.lookup(sig)
-    if cached is not None and cached.winner in _REGISTRY:
+    if cached is not None and cached.winner in {b.name for b in candidates(sig, device, dtype)}:
         if tracing:
             return cached
         # Re-checked on this process's inputs before it is trusted.
+        start = time.perf_counter()
         checked = _autotune.measure(sig, [_REGISTRY["reference"], _REGISTRY[cached.winner]],
                                     inputs, time_them=False)
         if checked is not None and checked.candidates[cached.winner].verdict == "ok":
-            cached.seconds = checked.seconds
+            cached.seconds = time.perf_counter() - start
             return cached
     if tracing:
         return _static(sig, "static (traced)")
@@ -240,23 +260,76 @@ def _decide(sig, device, dtype, inputs, tracing) -> Optional[_autotune.Decision]
     return decision
 
 
-def choose(backend: str, op: str, x, cores, geom: SeriesGeom, needs: Needs, A=None, C=None,
-           bias=None, tracing: bool = False) -> Backend:
-    """The backend that runs this call: the forced one, or `auto`'s decision for its signature.
-
-    `tracing`: called by a fake kernel (shapes only): nothing runs, nothing is timed.
-    """
-    if backend != "auto":
-        return check_available(backend, x.device, x.dtype)
-    sig = signature(op, x, cores, geom, needs, A, C, bias)
+def _decided(sig, inputs, tracing) -> Backend:
+    """The backend decided for `sig`, deciding now if needed (`inputs()` gives the call's tensors)."""
     decision = _DECISIONS.get(sig)
     if decision is None:
-        inputs = _autotune.Inputs(op, x, list(cores), geom, needs, A, C, bias)
-        decision = _decide(sig, x.device, x.dtype, inputs, tracing)
+        decision = _decide(sig, torch.device(sig.device_type), getattr(torch, sig.dtype),
+                           None if tracing else inputs(), tracing)
         if decision is None:  # non-finite inputs: nothing can be verified on them
             return _REGISTRY["reference"]
         _DECISIONS[sig] = decision
     return _REGISTRY[decision.winner]
+
+
+def choose(backend: str, op: str, x, cores, geom: SeriesGeom, needs: Needs, firsts=None,
+           lasts=None, bias=None, tracing: bool = False) -> Backend:
+    """The backend that runs this call: the forced one, or `auto`'s decision for its signature
+    (`firsts`, `lasts`: the layer op's 1×1 terms). `tracing`: called by a fake kernel (shapes
+    only): nothing runs, nothing is timed."""
+    if backend != "auto":
+        return check_available(backend, x.device, x.dtype)
+    sig = signature(op, x, cores, geom, needs, firsts, lasts, bias)
+    return _decided(sig, lambda: _autotune.Inputs.of(op, x, cores, geom, needs, firsts, lasts, bias),
+                    tracing)
+
+
+def _same_layer(sig: Signature, other: Signature) -> bool:
+    """Whether two signatures differ at most in the batch and spatial sizes of x."""
+    return (sig.op, sig.device, sig.dtype, sig.channels_last, sig.x[0], sig.S, sig.T, sig.C_out,
+            sig.kernel, sig.bias, sig.geom, sig.needs, sig.threads) == (
+        other.op, other.device, other.dtype, other.channels_last, other.x[0], other.S, other.T,
+        other.C_out, other.kernel, other.bias, other.geom, other.needs, other.threads)
+
+
+@torch.compiler.assume_constant_result
+def traced_choice(device_type, index, dtype, channels_last, C_in, S, T, C_out, kernel, bias, geom,
+                  needs) -> str:
+    """`auto`'s backend for a layer call that torch.compile traces, from what stays constant when
+    sizes are dynamic (x's batch and spatial sizes are left out): the one backend this process
+    decided for that layer, else `reference`. The name is baked into the compiled graph, so the
+    compiled call runs what its graph (and a compiled-graph cache) expects."""
+    device = torch.device(device_type, index) if index is not None else torch.device(device_type)
+    sig = _signature("bottleneck", device, dtype, (None, C_in, None, None), channels_last, S, T,
+                     C_out, kernel, bias, SeriesGeom(*geom), Needs(*needs))
+    decision = _DECISIONS.get(sig)
+    if decision is None:
+        winners = {d.winner for s, d in _DECISIONS.items() if _same_layer(sig, s)}
+        decision = _autotune.Decision(winners.pop() if len(winners) == 1 else "reference",
+                                      "traced")
+        _DECISIONS[sig] = decision
+    return decision.winner
+
+
+def resolve(backend: str, op: str, x, cores, geom, needs, firsts=None, lasts=None,
+            bias=None) -> str:
+    """The backend name a public op call passes to its op. The layer op gets a concrete name (so
+    its forward, backward and fake kernels, whose saved activations depend on it, see one); the
+    series op keeps "auto" under torch.compile (its outputs do not depend on the backend, and its
+    tensors' sizes may be dynamic there), and its implementation decides."""
+    if backend != "auto":
+        return backend
+    if torch.compiler.is_compiling():
+        if op == "series":
+            return backend
+        T, _, kh, kw = cores[0].shape
+        return traced_choice(x.device.type, x.device.index, x.dtype,
+                             x.dim() == 4 and not x.is_contiguous()
+                             and x.is_contiguous(memory_format=torch.channels_last),
+                             firsts[0].shape[1], firsts[0].shape[0], T, lasts[0].shape[0], (kh, kw),
+                             bias is not None, (geom.group_sizes, geom.group_size, geom.stride,
+                                                geom.padding, geom.dilation), tuple(needs))
+    return choose(backend, op, x, cores, geom, needs, firsts, lasts, bias).name
 
 
 def dispatch_report(show: bool = True) -> list:

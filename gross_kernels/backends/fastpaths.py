@@ -135,8 +135,9 @@ def _gains_from_channels_last(signature) -> bool:
 
 def static_choice(signature) -> str:
     """The backend `auto` runs without measuring: a fast path where the CPU benchmark found one."""
-    if signature.device_type != "cpu" or signature.dtype != "float32" or signature.op != "bottleneck":
-        return "reference"
+    if (signature.device_type != "cpu" or signature.dtype != "float32"
+            or signature.op != "bottleneck" or signature.batch is None or None in signature.x):
+        return "reference"  # dynamic sizes under torch.compile: nothing to base a rule on
     if signature.geom.group_size == signature.S and _folding_pays(signature):
         return "folded"
     return "channels-last" if _gains_from_channels_last(signature) else "reference"
