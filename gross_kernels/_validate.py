@@ -1,6 +1,7 @@
 """Argument checks for the public series ops: each failure names the argument and the rule it broke."""
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -10,6 +11,12 @@ from .geometry import SeriesGeom
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_sequence(value) -> bool:
+    # Lists and tuples first: the Sequence ABC check costs microseconds on every call.
+    return type(value) in (list, tuple) or (
+        not isinstance(value, (torch.Tensor, str, bytes)) and isinstance(value, Sequence))
 
 
 def pair(name: str, value, minimum: int) -> tuple:
@@ -26,7 +33,19 @@ def pair(name: str, value, minimum: int) -> tuple:
 
 def check_series(group_sizes, S: int, T: int, name: str = "group_sizes") -> tuple:
     """Validate a nested group-size series for bottleneck widths (S, T); returns it as a tuple."""
-    if isinstance(group_sizes, (str, bytes)) or not isinstance(group_sizes, Sequence):
+    if type(group_sizes) is tuple and all(type(g) is int for g in group_sizes):
+        return _checked_series(group_sizes, S, T, name)
+    return _check_series(group_sizes, S, T, name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _checked_series(group_sizes: tuple, S: int, T: int, name: str) -> tuple:
+    # A layer asks about the same series on every call (failures are not cached: they raise).
+    return _check_series(group_sizes, S, T, name)
+
+
+def _check_series(group_sizes, S, T, name):
+    if not _is_sequence(group_sizes):
         raise TypeError(f"{name} must be a sequence of ints, got {type(group_sizes).__name__}")
     if len(group_sizes) == 0:
         raise ValueError(f"{name} must not be empty")
@@ -58,25 +77,29 @@ def check_group_size(group_size, group_sizes: tuple) -> int:
     return group_size
 
 
-def _check_tensor(name: str, t, ndim: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+def _check_tensor(name: str, t, ndim: int, index=None) -> None:
+    """t is an `ndim`-D tensor (`name[index]`, or `name` when index is None, in the message)."""
+    if not isinstance(t, torch.Tensor) or t.dim() != ndim:
+        label = name if index is None else f"{name}[{index}]"
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{label} must be a torch.Tensor, got {type(t).__name__}")
+        raise ValueError(f"{label} must be {ndim}-D, got shape {tuple(t.shape)}")
 
 
 def _check_tensor_list(name: str, tensors, count: int) -> None:
-    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
+    if not _is_sequence(tensors):
         raise TypeError(f"{name} must be a list of tensors, one per group size")
     if len(tensors) != count:
         raise ValueError(f"{name} must hold one tensor per group size ({count}), got {len(tensors)}")
 
 
-def _check_like(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
-    if t.dtype != ref.dtype:
-        raise TypeError(f"{name} dtype {t.dtype} must match x dtype {ref.dtype}")
-    if t.device != ref.device:
-        raise ValueError(f"{name} device {t.device} must match x device {ref.device}")
+def _check_like(name: str, index, t: torch.Tensor, ref: torch.Tensor) -> None:
+    """t's dtype and device are x's (`name[index]`, or `name` when index is None, in the message)."""
+    if t.dtype != ref.dtype or t.device != ref.device:
+        label = name if index is None else f"{name}[{index}]"
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{label} dtype {t.dtype} must match x dtype {ref.dtype}")
+        raise ValueError(f"{label} device {t.device} must match x device {ref.device}")
 
 
 def _check_input(x) -> None:
@@ -86,10 +109,10 @@ def _check_input(x) -> None:
 
 
 def _check_cores(cores) -> None:
-    if isinstance(cores, torch.Tensor) or not isinstance(cores, Sequence) or len(cores) == 0:
+    if not _is_sequence(cores) or len(cores) == 0:
         raise TypeError("cores must be a non-empty list of tensors, one per group size")
     for i, core in enumerate(cores):
-        _check_tensor(f"cores[{i}]", core, 4)
+        _check_tensor("cores", core, 4, i)
 
 
 def check_series_conv(x, cores, group_sizes, group_size, stride, padding, dilation) -> SeriesGeom:
@@ -112,7 +135,7 @@ def _check_core_series(x, S, cores, group_sizes, group_size, stride, padding, di
             raise ValueError(
                 f"cores[{i}] must have shape (T, g_i, kh, kw) = {(T, g, kh, kw)} "
                 f"(S={S} input channels, group size {g}), got {tuple(core.shape)}")
-        _check_like(f"cores[{i}]", core, x)
+        _check_like("cores", i, core, x)
     stride = pair("stride", stride, 1)
     padding = pair("padding", padding, 0)
     dilation = pair("dilation", dilation, 1)
@@ -134,8 +157,8 @@ def check_bottleneck(x, firsts, cores, lasts, bias, group_sizes, group_size, str
     _check_tensor_list("firsts", firsts, n)
     _check_tensor_list("lasts", lasts, n)
     for i in range(n):
-        _check_tensor(f"firsts[{i}]", firsts[i], 4)
-        _check_tensor(f"lasts[{i}]", lasts[i], 4)
+        _check_tensor("firsts", firsts[i], 4, i)
+        _check_tensor("lasts", lasts[i], 4, i)
     C_in = x.shape[1]
     S, T, C_out = firsts[0].shape[0], cores[0].shape[0], lasts[0].shape[0]
     for i in range(n):
@@ -145,12 +168,12 @@ def check_bottleneck(x, firsts, cores, lasts, bias, group_sizes, group_size, str
         if tuple(lasts[i].shape) != (C_out, T, 1, 1):
             raise ValueError(f"lasts[{i}] must have shape (C_out, T, 1, 1) = {(C_out, T, 1, 1)}, "
                              f"got {tuple(lasts[i].shape)}")
-        _check_like(f"firsts[{i}]", firsts[i], x)
-        _check_like(f"lasts[{i}]", lasts[i], x)
+        _check_like("firsts", i, firsts[i], x)
+        _check_like("lasts", i, lasts[i], x)
     if bias is not None:
         _check_tensor("bias", bias, 1)
         if bias.shape[0] != C_out:
             raise ValueError(f"bias must have shape (C_out,) = ({C_out},), got {tuple(bias.shape)}")
-        _check_like("bias", bias, x)
+        _check_like("bias", None, bias, x)
     # The core acts on the bottleneck activation u = A·x: S channels, x's spatial size.
     return _check_core_series(x, S, cores, group_sizes, group_size, stride, padding, dilation)

@@ -149,7 +149,7 @@ def _bottleneck_impl(x: Tensor, firsts: Sequence[Tensor], cores: Sequence[Tensor
     """[y], or [y, u, z] when the backend keeps its activations for the backward."""
     geom, cores = _geom(group_sizes, group_size, stride, padding, dilation), list(cores)
     wants = Needs(*needs) if needs else NO_GRAD
-    kernels = backends.choose(backend, "bottleneck", x, cores, geom, wants, firsts, lasts, bias)
+    kernels = backends.layer_op_choice(backend, x)
     A, C = sum_active(firsts, geom.num_active), sum_active(lasts, geom.num_active)
     fmt = _memory_format(x)
     if wants.any and kernels.keeps_activations(x, A, cores, C, geom):
@@ -168,10 +168,8 @@ def _bottleneck_fake(x, firsts, cores, lasts, bias, group_sizes, group_size, str
     wants = Needs(*needs) if needs else NO_GRAD
     if not wants.any:
         return [y]
-    # Which activations exist depends on the backend (the public functions pass a concrete one;
-    # "auto" given to the op directly is decided here, never timed while tracing).
-    kernels = backends.choose(backend, "bottleneck", x, cores, geom, wants, firsts, lasts, bias,
-                              tracing=True)
+    # Which activations exist depends on the backend: the same choice as the implementation's.
+    kernels = backends.layer_op_choice(backend, x)
     if not kernels.keeps_activations(x, firsts[0], cores, lasts[0], geom):
         return [y]
     layout = kernels.activation_layout(x, geom) or _memory_format(x)
@@ -191,7 +189,7 @@ def _bottleneck_backward_impl(grad: Tensor, x: Tensor, firsts: Sequence[Tensor],
     get zeros. `activations` is [u, z] when the forward kept them, else empty (recomputed)."""
     geom, cores = _geom(group_sizes, group_size, stride, padding, dilation), list(cores)
     wants, n = Needs(*needs), geom.num_active
-    kernels = backends.choose(backend, "bottleneck", x, cores, geom, wants, firsts, lasts, bias)
+    kernels = backends.layer_op_choice(backend, x)
     A, C = sum_active(firsts, n), sum_active(lasts, n)
     grad = _layout.to_memory_format(grad, _memory_format(x))
     gx, gA, gcores, gC, gbias = kernels.bottleneck_backward(

@@ -14,6 +14,7 @@ not known yet (the decision made then stands for the process, so the compiled ca
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import platform
@@ -160,10 +161,16 @@ class Signature:
                 f"S{self.S}/T{self.T} G={self.geom.group_size} s{self.geom.stride[0]} {mode}")
 
 
+def _size(d):
+    # A symbolic size (a fake kernel under dynamic shapes) is unknown to a signature: None.
+    return d if isinstance(d, int) else None
+
+
 def _signature(op, device, dtype, shape, channels_last, S, T, C_out, kernel, bias, geom, needs):
     return Signature(op, f"{device.type}:{device_name(device)}", str(dtype).split(".")[-1],
-                     _batch_bucket(shape[0]), tuple(shape[1:]), channels_last, S, T, C_out,
-                     tuple(kernel), bias, geom, needs,
+                     _batch_bucket(_size(shape[0])), tuple(_size(d) for d in shape[1:]),
+                     channels_last, _size(S), _size(T), _size(C_out),
+                     tuple(_size(k) for k in kernel), bias, geom, needs,
                      torch.get_num_threads() if device.type == "cpu" else 0)
 
 
@@ -233,7 +240,7 @@ def _static(sig: Signature, source: str) -> _autotune.Decision:
     return _autotune.Decision(fastpaths.static_choice(sig), source)
 
 
-def _decide(sig, device, dtype, inputs, tracing) -> Optional[_autotune.Decision]:
+def _decide(sig, device, dtype, inputs) -> Optional[_autotune.Decision]:
     """A decision for a signature not seen yet in this process (None: decide again next call)."""
     if not autotune_enabled():
         return _static(sig, "static")
@@ -241,8 +248,6 @@ def _decide(sig, device, dtype, inputs, tracing) -> Optional[_autotune.Decision]
         return _static(sig, "static (torchrun)")
     cached = _cache.lookup(sig)
     if cached is not None and cached.winner in {b.name for b in candidates(sig, device, dtype)}:
-        if tracing:
-            return cached
         # Re-checked on this process's inputs before it is trusted.
         start = time.perf_counter()
         checked = _autotune.measure(sig, [_REGISTRY["reference"], _REGISTRY[cached.winner]],
@@ -250,8 +255,6 @@ def _decide(sig, device, dtype, inputs, tracing) -> Optional[_autotune.Decision]
         if checked is not None and checked.candidates[cached.winner].verdict == "ok":
             cached.seconds = time.perf_counter() - start
             return cached
-    if tracing:
-        return _static(sig, "static (traced)")
     start = time.perf_counter()
     decision = _autotune.measure(sig, candidates(sig, device, dtype), inputs)
     if decision is not None:
@@ -260,55 +263,67 @@ def _decide(sig, device, dtype, inputs, tracing) -> Optional[_autotune.Decision]
     return decision
 
 
-def _decided(sig, inputs, tracing) -> Backend:
-    """The backend decided for `sig`, deciding now if needed (`inputs()` gives the call's tensors)."""
+def choose(backend: str, op: str, x, cores, geom: SeriesGeom, needs: Needs, firsts=None,
+           lasts=None, bias=None, measure: bool = True) -> Backend:
+    """The backend that runs this call: the forced one, or `auto`'s decision for its signature
+    (`firsts`, `lasts`: the layer op's 1×1 terms). With `measure=False` (fake tensors: nothing
+    can run) an undecided signature gets the static rule's backend and stays undecided."""
+    if backend != "auto":
+        return check_available(backend, x.device, x.dtype)
+    sig = signature(op, x, cores, geom, needs, firsts, lasts, bias)
     decision = _DECISIONS.get(sig)
     if decision is None:
-        decision = _decide(sig, torch.device(sig.device_type), getattr(torch, sig.dtype),
-                           None if tracing else inputs(), tracing)
+        if not measure:
+            return _REGISTRY[fastpaths.static_choice(sig)]
+        decision = _decide(sig, x.device, x.dtype,
+                           _autotune.Inputs.of(op, x, cores, geom, needs, firsts, lasts, bias))
         if decision is None:  # non-finite inputs: nothing can be verified on them
             return _REGISTRY["reference"]
         _DECISIONS[sig] = decision
     return _REGISTRY[decision.winner]
 
 
-def choose(backend: str, op: str, x, cores, geom: SeriesGeom, needs: Needs, firsts=None,
-           lasts=None, bias=None, tracing: bool = False) -> Backend:
-    """The backend that runs this call: the forced one, or `auto`'s decision for its signature
-    (`firsts`, `lasts`: the layer op's 1×1 terms). `tracing`: called by a fake kernel (shapes
-    only): nothing runs, nothing is timed."""
-    if backend != "auto":
-        return check_available(backend, x.device, x.dtype)
-    sig = signature(op, x, cores, geom, needs, firsts, lasts, bias)
-    return _decided(sig, lambda: _autotune.Inputs.of(op, x, cores, geom, needs, firsts, lasts, bias),
-                    tracing)
+def _is_fake(t) -> bool:
+    return isinstance(t, torch._subclasses.FakeTensor) or t.device.type == "meta"
 
 
-def _same_layer(sig: Signature, other: Signature) -> bool:
-    """Whether two signatures differ at most in the batch and spatial sizes of x."""
-    return (sig.op, sig.device, sig.dtype, sig.channels_last, sig.x[0], sig.S, sig.T, sig.C_out,
-            sig.kernel, sig.bias, sig.geom, sig.needs, sig.threads) == (
-        other.op, other.device, other.dtype, other.channels_last, other.x[0], other.S, other.T,
-        other.C_out, other.kernel, other.bias, other.geom, other.needs, other.threads)
+def _without_sizes(sig: Signature) -> Signature:
+    """The signature with x's batch and spatial sizes left out (they may be dynamic)."""
+    return dataclasses.replace(sig, batch=None, x=(sig.x[0], None, None))
+
+
+def _layer_choice(sig: Signature) -> Backend:
+    """The backend of a layer call whose sizes are left out: what this process decided for that
+    layer (one backend at every size seen), else `reference`; recorded (for the report, and so
+    that every later trace of the layer gets the same)."""
+    key = _without_sizes(sig)
+    decision = _DECISIONS.get(key)
+    if decision is None:
+        winners = {d.winner for s, d in _DECISIONS.items() if _without_sizes(s) == key}
+        decision = _autotune.Decision(winners.pop() if len(winners) == 1 else "reference",
+                                      "traced")
+        _DECISIONS[key] = decision
+    return _REGISTRY[decision.winner]
+
+
+def layer_op_choice(backend: str, x) -> Backend:
+    """The backend the layer op runs for its `backend` argument. The public function passes a
+    concrete name; "auto" given to the op directly runs `reference`, the one choice its fake and
+    real kernels agree on whatever the sizes (dynamic ones included)."""
+    return _REGISTRY["reference"] if backend == "auto" else check_available(backend, x.device,
+                                                                            x.dtype)
 
 
 @torch.compiler.assume_constant_result
 def traced_choice(device_type, index, dtype, channels_last, C_in, S, T, C_out, kernel, bias, geom,
                   needs) -> str:
     """`auto`'s backend for a layer call that torch.compile traces, from what stays constant when
-    sizes are dynamic (x's batch and spatial sizes are left out): the one backend this process
-    decided for that layer, else `reference`. The name is baked into the compiled graph, so the
-    compiled call runs what its graph (and a compiled-graph cache) expects."""
+    sizes are dynamic (`_layer_choice`). The name is baked into the compiled graph, so the compiled
+    call runs what its graph (and a compiled-graph cache) expects."""
     device = torch.device(device_type, index) if index is not None else torch.device(device_type)
     sig = _signature("bottleneck", device, dtype, (None, C_in, None, None), channels_last, S, T,
                      C_out, kernel, bias, SeriesGeom(*geom), Needs(*needs))
-    decision = _DECISIONS.get(sig)
-    if decision is None:
-        winners = {d.winner for s, d in _DECISIONS.items() if _same_layer(sig, s)}
-        decision = _autotune.Decision(winners.pop() if len(winners) == 1 else "reference",
-                                      "traced")
-        _DECISIONS[sig] = decision
-    return decision.winner
+    return _layer_choice(sig).name
 
 
 def resolve(backend: str, op: str, x, cores, geom, needs, firsts=None, lasts=None,
@@ -319,6 +334,8 @@ def resolve(backend: str, op: str, x, cores, geom, needs, firsts=None, lasts=Non
     tensors' sizes may be dynamic there), and its implementation decides."""
     if backend != "auto":
         return backend
+    if _is_fake(x):  # shapes only (e.g. gross.count_macs): nothing can run
+        return choose(backend, op, x, cores, geom, needs, firsts, lasts, bias, measure=False).name
     if torch.compiler.is_compiling():
         if op == "series":
             return backend
