@@ -104,11 +104,17 @@ def paper_layers(net):
 
 
 def tiny(layer):
-    """A copy of `layer` small enough for Triton's CPU interpreter: a quarter of the channels,
-    1 sample, 2×2 pixels, group sizes 1 and S."""
-    c_in, c_out, S, T = (max(4, c // 4) for c in (layer.c_in, layer.c_out, layer.S, layer.T))
+    """A copy of `layer` small enough for Triton's CPU interpreter: 1 sample, 2×2 pixels, a quarter
+    of the channels (at least 4) and group sizes 1 and S; an S ≠ T bottleneck keeps its widths and
+    its smallest and largest group size (a quarter of them need not make a valid series)."""
+    c_in, c_out = (max(4, c // 4) for c in (layer.c_in, layer.c_out))
+    if layer.S == layer.T:
+        S = T = max(4, layer.S // 4)
+        sizes = (1, S)
+    else:
+        S, T, sizes = layer.S, layer.T, layer.extremes()
     return dataclasses.replace(layer, names=list(layer.names), batch=1, hw=2, c_in=c_in,
-                               c_out=c_out, S=S, T=T, group_sizes=(1, S))
+                               c_out=c_out, S=S, T=T, group_sizes=sizes)
 
 
 def _merged(layers):

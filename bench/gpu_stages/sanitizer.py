@@ -23,17 +23,19 @@ import gross_kernels as gk
 from cases import call_layer, make_tensors
 from gpu_stages import LOG_FILES
 from gpu_stages._process import run_logged
+from gpu_stages.build import find_cuda_home
 from gpu_stages.correctness import QUICK_CASES, case_name
 
 TITLE = "2b. compute-sanitizer memcheck (two small cases)"
 DTYPES = ("float32", "bfloat16")
 
 
-def find_sanitizer():
-    """$COMPUTE_SANITIZER, else compute-sanitizer under $CUDA_HOME or /usr/local/cuda, else on PATH."""
-    guesses = [os.environ.get("COMPUTE_SANITIZER")] + [
-        os.path.join(home, "bin", "compute-sanitizer")
-        for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda") if home]
+def find_sanitizer(root):
+    """$COMPUTE_SANITIZER (as run_sanitizers.sh reads it), else compute-sanitizer in the CUDA
+    toolkit the build stage uses, else on PATH; None if there is none."""
+    cuda_home = find_cuda_home(root)
+    guesses = [os.environ.get("COMPUTE_SANITIZER"),
+               os.path.join(cuda_home, "bin", "compute-sanitizer") if cuda_home else None]
     found = next((g for g in guesses if g and os.access(g, os.X_OK)), None)
     return found or shutil.which("compute-sanitizer")
 
@@ -87,7 +89,7 @@ def _check(ctx, index, sanitizer):
 
 
 def run(ctx):
-    sanitizer = find_sanitizer() if ctx.device.type == "cuda" else None
+    sanitizer = find_sanitizer(ctx.root) if ctx.device.type == "cuda" else None
     ctx.set("sanitizer", sanitizer or "none (no GPU, or compute-sanitizer not found): "
                                       "the cases ran unchecked")
     keys = [f"{case_name(*case)} | {dtype}" for case, dtype in zip(QUICK_CASES, DTYPES)]
