@@ -262,11 +262,15 @@ def backends_for(device):
 
 def meta_for(device, dtype_name):
     """Device, dtype, TF32 flag, versions and date, as the table's first line gives them."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError as error:  # the triton column then says why it is missing
+        triton_version = f"not importable ({error})"
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
             "CPU (Triton interpreter)", "dtype": dtype_name,
             "tf32": torch.backends.cudnn.allow_tf32, "torch": torch.__version__,
-            "triton": __import__("triton").__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "triton": triton_version, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def main(argv=None):

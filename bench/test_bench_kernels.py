@@ -9,8 +9,8 @@ layer, float32, Triton in its interpreter). Each case is first checked against t
 import pytest
 import torch
 
-from cases import NETS, call_layer, make_tensors, rel_error, runner, tolerance, unique_layers
-from suite import case_id, kernel_device, require_backend
+from cases import NETS, unique_layers
+from suite import case_id, check_and_time, kernel_device
 
 BACKENDS = ("naive", "torch", "reference", "triton", "cuda", "auto")
 PASSES = ("fwd", "fwd+bwd")
@@ -42,15 +42,6 @@ def pytest_generate_tests(metafunc):
 @pytest.mark.parametrize("pass_", PASSES)
 def test_kernels(timed, request, kernel_case, dtype, pass_, backend):
     layer, group_size = kernel_case
-    device = torch.device(kernel_device(request.config))
-    require_backend(backend, device)
-    torch.manual_seed(0)
-    tensors = make_tensors(layer, device, getattr(torch, dtype))
-    fn = runner(backend, layer, tensors, group_size, pass_)
-    xs, firsts, cores, lasts, bias = tensors
-    with torch.no_grad():
-        want = call_layer("reference", layer, xs[0], firsts, cores, lasts, bias, group_size)
-    assert rel_error(fn(), want) < tolerance(getattr(torch, dtype))
-    timed(fn, device, f"kernels {layer.title} {layer.shape} | G={group_size} | {dtype} | {pass_}",
-          layer=layer.title, shape=layer.shape, group_size=group_size, dtype=dtype, pass_=pass_,
-          backend=backend)
+    check_and_time(timed, backend, layer, group_size, pass_,
+                   torch.device(kernel_device(request.config)), getattr(torch, dtype),
+                   f"kernels {layer.title} {layer.shape} | G={group_size} | {dtype} | {pass_}")

@@ -7,8 +7,8 @@ released approach (`naive`) as parameters. Each case is first checked against th
 import pytest
 import torch
 
-from cases import PASSES, call_layer, make_tensors, ops_layers, rel_error, runner, tiny, tolerance
-from suite import case_id, require_backend
+from cases import PASSES, ops_layers, tiny
+from suite import case_id, check_and_time
 
 BACKENDS = ("torch", "naive", "reference", "cpp", "auto")
 
@@ -30,15 +30,5 @@ def pytest_generate_tests(metafunc):
 @pytest.mark.parametrize("pass_", PASSES)
 def test_ops(timed, ops_case, pass_, backend):
     layer, group_size = ops_case
-    device = torch.device("cpu")
-    require_backend(backend, device)
-    torch.manual_seed(0)
-    tensors = make_tensors(layer)
-    fn = runner(backend, layer, tensors, group_size, pass_)
-    xs, firsts, cores, lasts, bias = tensors
-    with torch.no_grad():
-        want = call_layer("reference", layer, xs[0], firsts, cores, lasts, bias, group_size)
-    assert rel_error(fn(), want) < tolerance(torch.float32)
-    timed(fn, device, f"ops {layer.title} {layer.shape} | G={group_size} | {pass_}",
-          layer=layer.title, shape=layer.shape, group_size=group_size, pass_=pass_,
-          backend=backend)
+    check_and_time(timed, backend, layer, group_size, pass_, torch.device("cpu"), torch.float32,
+                   f"ops {layer.title} {layer.shape} | G={group_size} | {pass_}")

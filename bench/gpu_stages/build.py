@@ -98,7 +98,10 @@ def probe(device_name):
         got = gk.series_grouped_conv2d(x, cores, [1, 4], 4, padding=1, backend=backend)
         want = gk.series_grouped_conv2d(x, cores, [1, 4], 4, padding=1, backend="reference")
         error = ((got - want).norm() / want.norm()).item()
-        result.update(loadable=error < 1e-2, detail=f"relative error {error:.1e} against reference")
+        # Which file: an editable install elsewhere can map gross_kernels._C to its own build.
+        where = sys.modules["gross_kernels._C"].__file__
+        result.update(loadable=error < 1e-2,
+                      detail=f"{where}: relative error {error:.1e} against reference")
     except Exception as error:  # not built, built for another torch or arch, or wrong
         result.update(loadable=False, detail=f"{type(error).__name__}: {error}"[:500])
     print(json.dumps(result))

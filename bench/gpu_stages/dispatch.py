@@ -73,7 +73,7 @@ def _cell(value):
 def render(data):
     rows = data.get("rows")
     if not rows:
-        return data.get("error", "No dispatch decisions were recorded.")
+        return "No dispatch decisions were recorded."
     head = list(dict.fromkeys(k for row in rows for k in row))
     return "\n".join([f"{len(rows)} signatures.", "", "| " + " | ".join(head) + " |",
                       "|" + "---|" * len(head)]
