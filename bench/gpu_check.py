@@ -28,7 +28,11 @@ ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
 
 from gpu_stages import BROKEN_CONTEXT, LOG_FILES, STAGES  # noqa: E402
-from gpu_stages._process import run_logged  # noqa: E402
+from gpu_stages._stdlib import load_source, run_logged  # noqa: E402
+
+# The project's atomic writes, loaded alone: importing the gross_kernels package would load the
+# extension that the build stage may be rewriting.
+_files = load_source("gross_kernels_files", os.path.join(ROOT, "gross_kernels", "files.py"))
 
 # Seconds kept back at the end of the budget for the report (about 5 s on the GPU machine), and
 # the grace it gets beyond the budget on a slow or loaded machine rather than no report at all;
@@ -100,6 +104,20 @@ def run_stage(index, args, budget, work):
             break
     record["seconds"] = round(time.time() - started, 1)
     return record
+
+
+def _save_records(out, work, runs):
+    """The parent's launch records (for the report process) and, until the report replaces it, a
+    raw gpu_report.json of every record so far: a call cut short still brings them back."""
+    _files.atomic_write_json(os.path.join(work, "runs.json"), runs)
+    records = {}
+    for run in runs:
+        path = os.path.join(work, f"{run['name']}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                records[run["name"]] = json.load(f)
+    _files.atomic_write_json(os.path.join(out, "gpu_report.json"),
+                             {"partial": True, "runs": runs, "records": records, "all_ok": False})
 
 
 def _render(args, work, budget):
@@ -177,8 +195,7 @@ def main(argv=None):
         for index, stage in enumerate(STAGES):
             print(f"[{budget.elapsed():5.0f} s] {stage.name} ...", flush=True)
             runs.append(run_stage(index, args, budget, work))
-            with open(os.path.join(work, "runs.json"), "w") as f:  # read by the report process
-                json.dump(runs, f)
+            _save_records(args.out, work, runs)
             note = runs[-1].get("skipped") or ", ".join(
                 "finished" if r["rc"] == 0 else "ended early" for r in runs[-1]["launches"])
             print(f"[{budget.elapsed():5.0f} s] {stage.name}: {note}", flush=True)

@@ -55,7 +55,8 @@ class Row:
     tflops: dict = field(default_factory=dict)
 
 
-def _sync(device):
+def sync(device):
+    """Wait for the device's queued work (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -68,10 +69,10 @@ def measure(fn, device, smoke, budget_ms=150.0):
         return (time.perf_counter() - start) * 1e3
     fn(0)
     fn(1)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     fn(2)
-    _sync(device)
+    sync(device)
     estimate = max((time.perf_counter() - start) * 1e3, 1e-3)
     reps = int(min(100, max(5, budget_ms / estimate)))
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -80,7 +81,7 @@ def measure(fn, device, smoke, budget_ms=150.0):
         begin.record()
         fn(i)
         end.record()
-    _sync(device)
+    sync(device)
     times = sorted(b.elapsed_time(e) for b, e in events)
     return times[len(times) // 2]
 

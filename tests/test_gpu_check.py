@@ -179,3 +179,23 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path):
     proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), "--out", str(tmp_path),
                            "--budget-s", "0"], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--budget-s" in proc.stderr and not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("fault", ["unwritten", "wrong"])
+def test_correctness_check_catches_unwritten_and_wrong_outputs(monkeypatch, fault):
+    from gpu_stages import correctness
+
+    real = correctness.call_layer
+
+    def faulty(*args):
+        y = real(*args)
+        if fault == "unwritten":  # an element nothing wrote: NaN once outputs are poisoned
+            return y + 0 * torch.empty_like(y)
+        return y * 1.05
+
+    monkeypatch.setattr(correctness, "call_layer", faulty)
+    layer, group_size = correctness.QUICK_CASES[0]
+    row = correctness.check(layer, group_size, torch.float32, "reference", torch.device("cpu"))
+    assert not row["ok"]
+    assert (row["nonfinite"] > 0) == (fault == "unwritten")
+    assert row["fwd_err"] > 1e-2 or fault == "unwritten"

@@ -9,7 +9,6 @@ headers; its output goes to build.log.
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import os
 import platform
@@ -21,7 +20,7 @@ import time
 import torch
 
 from gpu_stages import LOG_FILES
-from gpu_stages._process import run_logged
+from gpu_stages._stdlib import load_source, run_logged
 
 TITLE = "1. Machine and build"
 
@@ -35,18 +34,11 @@ def _command_output(cmd, timeout_s=30):
     return done.stdout.strip() if done.returncode == 0 else ""
 
 
-def _setup_module(root):
-    """The repository's setup.py as a module (its toolkit checks; importing it builds nothing)."""
-    spec = importlib.util.spec_from_file_location("gross_setup", os.path.join(root, "setup.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def find_cuda_home(root):
     """The first CUDA toolkit root among $CUDA_HOME, $CUDA_PATH, nvcc's own folder (links
     followed: /usr/local/bin/nvcc can be a wrapper script), /usr/local/cuda, /usr/local/cuda-*."""
-    is_toolkit = _setup_module(root).is_cuda_toolkit
+    # setup.py's own check (loading setup.py builds nothing: its main() runs as a script only).
+    is_toolkit = load_source("gross_setup", os.path.join(root, "setup.py")).is_cuda_toolkit
     nvcc = shutil.which("nvcc")
     versioned = sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
     if torch.version.cuda:
@@ -120,6 +112,12 @@ def _probe(ctx):
     return json.loads(lines[-1])
 
 
+def _must_load(ctx):
+    """The probe after a build: now a failing probe fails the stage."""
+    result = _probe(ctx)
+    return dict(result, ok=result["loadable"])
+
+
 def _build(ctx, cuda_home):
     env = dict(os.environ, MAX_JOBS=str(os.cpu_count() or 1))
     row = {"max_jobs": env["MAX_JOBS"]}
@@ -141,6 +139,7 @@ def _build(ctx, cuda_home):
 
 
 def run(ctx):
+    """Record the machine, probe the extension, build it if it does not run here, probe again."""
     cuda_home = find_cuda_home(ctx.root)
     ctx.set("env", _environment(ctx.device, cuda_home))
     before = ctx.item("probe before", lambda: _probe(ctx), estimate_s=0)
@@ -149,12 +148,11 @@ def run(ctx):
         return
     build = ctx.item("build", lambda: _build(ctx, cuda_home), estimate_s=0)
     if build and build["status"] == "ok":
-        # After a build the kernels must run: a failing probe now fails the stage.
-        ctx.item("probe after", lambda: dict(probe := _probe(ctx), ok=probe["loadable"]),
-                 estimate_s=0)
+        ctx.item("probe after", lambda: _must_load(ctx), estimate_s=0)
 
 
 def render(data):
+    """The machine's facts, the build's outcome and the probes, as a list."""
     env = data.get("env", {})
     lines = [f"- {key}: {value}" for key, value in env.items()]
     items = data.get("items", {})
@@ -174,6 +172,7 @@ def render(data):
 
 
 def summary(data):
+    """One line: card, versions, whether the compiled kernels run."""
     env, items = data.get("env", {}), data.get("items", {})
     built = "extension already built" if data.get("built") else (
         f"built in {items['build'].get('seconds', 0):.0f} s" if "build" in items else "not built")

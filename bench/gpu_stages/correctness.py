@@ -89,24 +89,26 @@ def _names(layer):
     return ["x"] + [f"{p}{i}" for p in "ABC" for i in range(n)] + ["bias"]
 
 
+def _parts(leaves, n):
+    """(x, firsts, cores, lasts, bias) from the flat list [x, A_0.., B_0.., C_0.., bias]."""
+    return leaves[0], leaves[1:1 + n], leaves[1 + n:1 + 2 * n], leaves[1 + 2 * n:1 + 3 * n], leaves[-1]
+
+
 def check(layer, group_size, dtype, backend, device):
     """One backend on one case: errors against the oracle, NaN-poisoned run, repeatability."""
     xs, firsts, cores, lasts, bias = make_tensors(layer, device, dtype)
     leaves = [xs[0], *firsts, *cores, *lasts, bias]
     n = len(layer.group_sizes)
     wide = [t.detach().double().requires_grad_() for t in leaves]
-    geometry = (layer.stride, layer.padding, layer.dilation)
-    want = naive_bottleneck(wide[0], wide[1:1 + n], wide[1 + n:1 + 2 * n],
-                            wide[1 + 2 * n:1 + 3 * n], wide[-1], layer.group_sizes, group_size,
-                            *geometry)
+    want = naive_bottleneck(*_parts(wide, n), layer.group_sizes, group_size, layer.stride,
+                            layer.padding, layer.dilation)
     grad_y = torch.randn_like(want).to(dtype)
     want_grads = torch.autograd.grad(want, wide, grad_y.double(), allow_unused=True)
     for t in leaves:
         t.requires_grad_(True)
 
     def run():
-        y = call_layer(backend, layer, leaves[0], leaves[1:1 + n], leaves[1 + n:1 + 2 * n],
-                       leaves[1 + 2 * n:1 + 3 * n], leaves[-1], group_size)
+        y = call_layer(backend, layer, *_parts(leaves, n), group_size)
         grads = torch.autograd.grad(y, leaves, grad_y, allow_unused=True)
         return [y] + [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
 
@@ -140,6 +142,7 @@ def _unavailable(backend, device, dtype):
 
 
 def run(ctx):
+    """Check every available backend on every case and dtype (one item each)."""
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     with poisoned():
@@ -173,6 +176,7 @@ def _rows(data):
 
 
 def render(data):
+    """The per-case, per-dtype, per-backend table of errors and checks."""
     lines = [f"NaN poisoning active: {data.get('poison_active')}. Errors: ‖got − oracle‖ / ‖oracle‖ "
              "(float64 oracle on the same inputs); TF32 off. Not checked here: "
              + ("; ".join(f"{reason} ({', '.join(d)})" for reason, d in
@@ -191,6 +195,7 @@ def render(data):
 
 
 def summary(data):
+    """One line: items passed per backend."""
     per = {}
     for _, _, backend, row in _rows(data):
         if row["status"] != "skipped":

@@ -14,16 +14,12 @@ import torch
 
 from decompose import make_weight
 from gross.decompose import btd
+from kernels import sync
 
 TITLE = "6. Decomposition on the GPU (gross.decompose.btd, 512×512 3×3)"
 # Cheapest first: 16 blocks, 32, then 512 blocks of rank 1 (G = 1).
 GROUP_SIZES = (32, 16, 1)
 CPU_PASSES = 2
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _warm_up(weight, device):
@@ -36,7 +32,7 @@ def _one(weight, G, device, max_iter):
     c = weight.shape[0]
     start = time.perf_counter()
     res = btd(weight.to(device), G, (c, c), max_iter=max_iter)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     torch.set_num_threads(os.cpu_count() or 1)
     start = time.perf_counter()
@@ -48,6 +44,7 @@ def _one(weight, G, device, max_iter):
 
 
 def run(ctx):
+    """Decompose the weight on the device at each group size, with the CPU's pass time beside."""
     c, sizes, max_iter = (8, (4, 2, 1), 5) if ctx.quick else (512, GROUP_SIZES, 500)
     weight = make_weight(c, c, "random", seed=c * 1000 + c)
     ctx.set("shape", f"{c}×{c}×3×3, at most {max_iter} passes")
@@ -58,6 +55,7 @@ def run(ctx):
 
 
 def render(data):
+    """The table of device seconds, errors, passes and the CPU estimate."""
     lines = [f"Weight {data.get('shape', '?')} (random, bench/decompose.py), tol 1e-5.",
              "", "| G | device s | rel. error | passes | CPU s/pass (threads) | CPU estimate s | ×CPU |",
              "|---|---|---|---|---|---|---|"]
@@ -75,6 +73,7 @@ def render(data):
 
 
 def summary(data):
+    """One line: seconds, error and speed-up over the CPU per group size."""
     rows = [r for k, r in data.get("items", {}).items() if k != "warm-up" and r["status"] == "ok"]
     return "; ".join(f"G={r['G']} {r['device_s']:.1f} s (err {r['rel_error']:.4f}, "
                      f"{r['cpu_estimate_s'] / r['device_s']:.1f}× CPU)" for r in rows) or "nothing ran"

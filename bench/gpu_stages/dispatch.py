@@ -48,6 +48,7 @@ def _layer_signatures(ctx):
 
 
 def run(ctx):
+    """Meet the signatures with `auto`, then record gk.dispatch_report()."""
     # The workloads' modules are imported only once the report exists: without it the stage ends at once.
     report = getattr(gk, "dispatch_report", None)
     if report is None:
@@ -71,6 +72,7 @@ def _cell(value):
 
 
 def render(data):
+    """The report's rows as a table, whatever their fields."""
     rows = data.get("rows")
     if not rows:
         return "No dispatch decisions were recorded."
@@ -82,6 +84,7 @@ def render(data):
 
 
 def summary(data):
+    """One line: how many signatures, which winners."""
     rows = data.get("rows") or []
     winners = {}
     for row in rows:

@@ -27,6 +27,7 @@ def _subset(quick):
 
 
 def run(ctx):
+    """Measure the peaks, then time the layer subset per dtype (one item per layer and dtype)."""
     device, smoke = ctx.device, ctx.device.type == "cpu"
     dtypes = ["float32"] if smoke else ["float32", "bfloat16"]
     backends = kb.backends_for(device)
@@ -70,6 +71,7 @@ def _peaks(data, dtype):
 
 
 def render(data):
+    """bench/kernels.py's table per dtype."""
     sections = []
     columns = data.get("backends", []) + ["triton-unfused"]
     for dtype, rows in _rows_by_dtype(data).items():
@@ -81,6 +83,7 @@ def render(data):
 
 
 def summary(data):
+    """One line per dtype: forward+backward geometric means against PyTorch and naive."""
     parts = []
     for dtype, rows in _rows_by_dtype(data).items():
         both = [r for r in rows if r.mode == "fwd+bwd"]

@@ -22,7 +22,7 @@ import torch
 import gross_kernels as gk
 from cases import call_layer, make_tensors
 from gpu_stages import LOG_FILES
-from gpu_stages._process import run_logged
+from gpu_stages._stdlib import run_logged
 from gpu_stages.build import find_cuda_home
 from gpu_stages.correctness import QUICK_CASES, case_name
 
@@ -89,6 +89,7 @@ def _check(ctx, index, sanitizer):
 
 
 def run(ctx):
+    """Run the two cases under memcheck (or unchecked without a sanitizer)."""
     sanitizer = find_sanitizer(ctx.root) if ctx.device.type == "cuda" else None
     ctx.set("sanitizer", sanitizer or "none (no GPU, or compute-sanitizer not found): "
                                       "the cases ran unchecked")
@@ -100,6 +101,7 @@ def run(ctx):
 
 
 def render(data):
+    """The cases' verdicts, error counts and the failing output's tail."""
     lines = [f"Sanitizer: {data.get('sanitizer')}; full output in sanitizer.log.", "",
              "| case | verdict | memcheck errors | backends | exit status |", "|---|---|---|---|---|"]
     for key, row in data.get("items", {}).items():
@@ -115,6 +117,7 @@ def render(data):
 
 
 def summary(data):
+    """One line: how many cases ran clean, and whether memcheck watched them."""
     rows = data.get("items", {}).values()
     checked = "memcheck" if str(data.get("sanitizer", "")).startswith("/") else "unchecked"
     return (f"{sum(r['status'] == 'ok' for r in rows)}/{len(rows)} cases clean ({checked})"

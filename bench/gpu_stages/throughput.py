@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from gross import config as gconfig
 from gross import convert, export, models, train
+from kernels import sync
 from naive_gross import ReleasedSeries
 
 TITLE = "5. End-to-end throughput (images/s)"
@@ -106,18 +107,20 @@ def _inference_step(model, device, batch, res, amp):
 
 
 def _rate(step, warm_up, device, batch, quick):
-    """images/s of step() over a timing window, after step(config) for every warm-up config."""
+    """images/s of step() over about WINDOW_S, after step(config) for every warm-up config; the
+    count of steps comes from one timed step, so the GPU never runs far behind the clock."""
     for config in warm_up:
         step(config)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    window, least = (0.2, 1) if quick else (WINDOW_S, MIN_STEPS)
-    start, steps = time.perf_counter(), 0
-    while steps < least or (time.perf_counter() - start < window and steps < MAX_STEPS):
+    sync(device)
+    start = time.perf_counter()
+    step()
+    sync(device)
+    one = time.perf_counter() - start
+    steps = 1 if quick else int(min(MAX_STEPS, max(MIN_STEPS, WINDOW_S / one)))
+    start = time.perf_counter()
+    for _ in range(steps):
         step()
-        steps += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     seconds = time.perf_counter() - start
     return {"steps": steps, "timed_s": round(seconds, 4), "images_per_s": steps * batch / seconds,
             "step_ms": 1e3 * seconds / steps}
@@ -146,6 +149,7 @@ def _inference_item(name, exported, device, batch, res, quick):
 
 
 def run(ctx):
+    """Time training (every variant) and inference (dense, exported) per network."""
     plan = []
     for name, batch, res in NETWORKS:
         shape = (ctx.device, *((2, 32) if ctx.quick else (batch, res)), ctx.quick)
@@ -173,6 +177,7 @@ def _ips(row):
 
 
 def render(data):
+    """The training and inference tables with their ratios to the targets."""
     lines = ["Training: search-space step (random group size per layer per step); "
              "dense: the original network's training step. '×dense step' is the step time over "
              "the dense network's (target ≤ 1.5); '×naive' the speed over the released approach "
@@ -206,6 +211,7 @@ def render(data):
 
 
 def summary(data):
+    """One line per network: auto's images/s and its ratios to naive and dense."""
     parts = []
     for net, rows in _table(data).items():
         auto = _ips(rows.get(("train", "auto")))

@@ -1,5 +1,6 @@
-"""One way to run a command that may hang: its own process group, output appended to a log, the whole
-group killed at the time limit (a build's compilers, a sanitizer's target). Standard library only."""
+"""Standard-library helpers of bench/gpu_check.py and its stages (the parent imports nothing else):
+a command that may hang run under a time limit, and a source file loaded as a module."""
+import importlib.util
 import os
 import signal
 import subprocess
@@ -7,7 +8,9 @@ import time
 
 
 def run_logged(cmd, log_path, timeout_s, env=None, cwd=None):
-    """Run cmd with stdout and stderr appended to log_path, under a header line naming it.
+    """Run cmd in its own process group with stdout and stderr appended to log_path (under a
+    header line naming it); the whole group (a build's compilers, a sanitizer's target) is killed
+    at the time limit.
 
     Returns (exit status, or None if it was killed at `timeout_s`; the output it wrote).
     """
@@ -26,3 +29,11 @@ def run_logged(cmd, log_path, timeout_s, env=None, cwd=None):
     with open(log_path, errors="replace") as log:
         log.seek(offset)
         return rc, log.read()
+
+
+def load_source(name, path):
+    """The Python file at `path` as a module named `name`, without importing its package."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
