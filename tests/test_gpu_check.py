@@ -199,3 +199,25 @@ def test_correctness_check_catches_unwritten_and_wrong_outputs(monkeypatch, faul
     assert not row["ok"]
     assert (row["nonfinite"] > 0) == (fault == "unwritten")
     assert row["fwd_err"] > 1e-2 or fault == "unwritten"
+
+
+def test_dispatch_stage_records_the_report_as_it_grows(monkeypatch, tmp_path):
+    # Until issue 13 lands gk.dispatch_report, a stand-in shows the stage's path and its table.
+    from gpu_stages import dispatch
+
+    calls = []
+
+    def report():
+        calls.append(1)
+        return [{"signature": {"shape": [2, 3]}, "candidates": {"reference": {"ms": 1.5}},
+                 "winner": "reference"}]
+
+    monkeypatch.setattr(gk, "dispatch_report", report, raising=False)
+    ctx = _context(tmp_path, deadline_s=600.0)
+    dispatch.run(ctx)
+    items = ctx.data["items"]
+    assert items and all(row["status"] == "ok" for row in items.values())
+    assert len(calls) == len(items) == len(ctx.data["planned"])
+    table = dispatch.render(ctx.data)
+    assert "| signature | candidates | winner |" in table and "reference: ms: 1.5" in table
+    assert dispatch.summary(ctx.data) == "1 signatures; winners: reference ×1"

@@ -33,9 +33,9 @@ class Stage(NamedTuple):
 STAGES = (
     Stage("build", 1.2, 5.0),
     Stage("correctness", 0.22, 8.0),
-    Stage("kernel_bench", 0.28, 10.0),
-    Stage("dispatch", 0.04, 5.0),
-    Stage("throughput", 0.24, 10.0),
+    Stage("kernel_bench", 0.26, 10.0),
+    Stage("dispatch", 0.08, 8.0),
+    Stage("throughput", 0.22, 10.0),
     Stage("decomposition", 0.10, 8.0),
     Stage("sanitizer", 0.12, 10.0),
 )
