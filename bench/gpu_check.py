@@ -65,12 +65,17 @@ class Budget:
         return min(left, max(share, stage.min_s))
 
 
-def _child_env(device):
-    """The stage processes' environment: this tree first on the path, Triton's interpreter on the CPU."""
+def _child_env(args):
+    """The stage processes' environment: this tree first on the path, Triton's interpreter on the
+    CPU, and there one thread per process for --quick (a check on a small shared machine, not a
+    measurement)."""
     path = [ROOT, os.path.join(ROOT, "python"), BENCH] + (
         [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(path), PYTHONUNBUFFERED="1",
-                TRITON_INTERPRET="1" if device == "cpu" else "0")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), PYTHONUNBUFFERED="1",
+               TRITON_INTERPRET="1" if args.device == "cpu" else "0")
+    if args.device == "cpu" and args.quick:
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return env
 
 
 def run_stage(index, args, budget, work):
@@ -91,7 +96,7 @@ def run_stage(index, args, budget, work):
                "--device", args.device, "--out", args.out, "--deadline", f"{deadline - 2.0:.3f}"]
         cmd += ["--quick"] if args.quick else []
         cmd += ["--interrupted", interrupted] if interrupted else []
-        rc, output = run_logged(cmd, log, deadline - time.time(), _child_env(args.device), ROOT)
+        rc, output = run_logged(cmd, log, deadline - time.time(), _child_env(args), ROOT)
         if rc == 0:
             record["launches"].append({"rc": 0})
             break
@@ -126,7 +131,7 @@ def _render(args, work, budget):
            args.device, "--out", args.out, "--budget-s", str(args.budget_s),
            "--elapsed", f"{budget.elapsed():.1f}"] + (["--quick"] if args.quick else [])
     rc, _ = run_logged(cmd, os.path.join(args.out, LOG_FILES["stages"]),
-                       REPORT_S + REPORT_GRACE_S + max(0.0, budget.left()), _child_env(args.device),
+                       REPORT_S + REPORT_GRACE_S + max(0.0, budget.left()), _child_env(args),
                        ROOT)
     return rc
 

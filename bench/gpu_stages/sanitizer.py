@@ -91,6 +91,7 @@ def _check(ctx, index, sanitizer):
 def run(ctx):
     """Run the two cases under memcheck (or unchecked without a sanitizer)."""
     sanitizer = find_sanitizer(ctx.root) if ctx.device.type == "cuda" else None
+    ctx.set("checked", sanitizer is not None)
     ctx.set("sanitizer", sanitizer or "none (no GPU, or compute-sanitizer not found): "
                                       "the cases ran unchecked")
     keys = [f"{case_name(*case)} | {dtype}" for case, dtype in zip(QUICK_CASES, DTYPES)]
@@ -100,25 +101,35 @@ def run(ctx):
                  estimate_s=5.0)
 
 
+def _checked(data):
+    """Whether memcheck watched the cases."""
+    return bool(data.get("checked"))
+
+
 def render(data):
     """The cases' verdicts, error counts and the failing output's tail."""
-    lines = [f"Sanitizer: {data.get('sanitizer')}; full output in sanitizer.log.", "",
-             "| case | verdict | memcheck errors | backends | exit status |", "|---|---|---|---|---|"]
+    lines = [f"Sanitizer: {data.get('sanitizer')}" + ("; its output in sanitizer.log."
+                                                      if _checked(data) else "."), "",
+             "| case | dtype | verdict | memcheck errors | backends | exit status |",
+             "|---|---|---|---|---|---|"]
     for key, row in data.get("items", {}).items():
+        case, dtype = key.split(" | ")
         if row["status"] in ("ok", "fail"):
             backends = ", ".join(f"{b} {s}" for b, s in row["backends"].items())
-            lines.append(f"| {key} | {row['status']} | {row['errors']} | {backends} | {row['rc']} |")
+            errors = "—" if row["errors"] is None else row["errors"]
+            lines.append(f"| {case} | {dtype} | {row['status']} | {errors} | {backends} | "
+                         f"{row['rc']} |")
             if row["status"] == "fail":
                 lines += ["", "```", row["tail"], "```", ""]
         else:
-            lines.append(f"| {key} | {row['status']}: {row.get('error', row.get('reason', ''))} "
-                         "| | | |")
+            lines.append(f"| {case} | {dtype} | {row['status']}: "
+                         f"{row.get('error', row.get('reason', ''))} | | | |")
     return "\n".join(lines)
 
 
 def summary(data):
     """One line: how many cases ran clean, and whether memcheck watched them."""
     rows = data.get("items", {}).values()
-    checked = "memcheck" if str(data.get("sanitizer", "")).startswith("/") else "unchecked"
+    checked = "memcheck" if _checked(data) else "unchecked"
     return (f"{sum(r['status'] == 'ok' for r in rows)}/{len(rows)} cases clean ({checked})"
             if rows else "nothing ran")
