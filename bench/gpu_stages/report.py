@@ -78,17 +78,19 @@ def write(args):
         data.setdefault("items", {})
         _settle(run, data)
         word = status(run, data)
-        module = importlib.import_module(f"gpu_stages.{stage.name}")
         stages[stage.name] = (run, data, word)
-        try:
+        title = stage.name
+        try:  # a stage module that no longer imports, or a record it did not expect: say so
+            module = importlib.import_module(f"gpu_stages.{stage.name}")
+            title = module.TITLE
             body, line = module.render(data), module.summary(data)
-        except Exception as error:  # a record the renderer did not expect: show it raw
+        except Exception as error:
             body, line = f"(could not render: {type(error).__name__}: {error})", "?"
         if data.get("error"):
             body = f"**Stage error:** {data['error']}\n\n{body}"
-        rows.append(f"| {module.TITLE} | {word} | {run.get('seconds', 0):.0f} / "
+        rows.append(f"| {title} | {word} | {run.get('seconds', 0):.0f} / "
                     f"{run.get('limit_s', 0):.0f} | {_counts(data)} | {line} |")
-        sections.append(f"### {module.TITLE}\n\n{body}\n")
+        sections.append(f"### {title}\n\n{body}\n")
     env = stages["build"][1].get("env", {})
     head = [f"# GPU check: {env.get('device', args.device)}" + (" (--quick)" if args.quick else ""),
             "", f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; budget {args.budget_s:.0f} s, "
