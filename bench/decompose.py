@@ -24,9 +24,6 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tensorly_pci import pci  # noqa: E402
-
 from gross.decompose import _series_jobs, _series_layers, btd  # noqa: E402
 
 # VGG-16 (CIFAR) conv1_2 … conv5_3 as (C_in, C_out): the layers the paper decomposes.
@@ -54,6 +51,10 @@ def rows(quick):
 
 def run_rows(c_out, c_in, G, kind, args):
     """Our btd with each method, then the oracle, on one weight; one result dict per method."""
+    # Imported here: make_weight serves bench/gpu_check.py on machines without tensorly.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tensorly_pci import pci
+
     W = make_weight(c_out, c_in, kind, seed=c_out * 1000 + c_in)
     S = T = c_in
     ours = {}

@@ -2,6 +2,7 @@
 filter groups (zero-pad each into its G-group, concatenate), sum, then three plain convolutions."""
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def expand_by_loop(core, S, g, G):
@@ -28,3 +29,17 @@ def naive_layer(x, firsts, cores, lasts, bias, group_sizes, group_size, stride, 
     u = F.conv2d(x, A)
     z = F.conv2d(u, B, None, stride, padding, dilation, S // group_size)
     return F.conv2d(z, C, bias)
+
+
+class ReleasedSeries(nn.Module):
+    """A SeriesConv2d computed the released way (`naive_layer`: expansion by loops) on every call."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        layer = self.layer
+        return naive_layer(x, list(layer.firsts), list(layer.cores), list(layer.lasts), layer.bias,
+                           layer.group_sizes, layer.group_size, layer.stride, layer.padding,
+                           layer.dilation)

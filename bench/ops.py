@@ -22,70 +22,16 @@ from datetime import datetime, timezone
 import torch
 
 import gross_kernels as gk
+from cases import PASSES, make_tensors, ops_layers, runner
 from gross_kernels import backends as gk_backends
 from gross_kernels.backends.base import Needs
 from gross_kernels.geometry import SeriesGeom
-from naive_gross import naive_layer
-from torch_layer import torch_layer
 
-# (name, batch, C_in, C_out, spatial size, group sizes); bottleneck S = T = C_in, 3x3, pad 1.
-FOUR_LAYER = [(f"4-layer {name}", 128, cin, cout, hw, tuple(2 ** i for i in range(cin.bit_length())))
-              for name, cin, cout, hw in [("conv2", 32, 32, 16), ("conv3", 32, 64, 8), ("conv4", 64, 64, 4)]]
-VGG16_CIFAR = [(f"VGG-16 {name}", 64, c, c, hw, (1, 4, 16, 32))
-               for name, c, hw in [("conv2_2", 128, 16), ("conv3_2", 256, 8), ("conv4_2", 512, 4),
-                                   ("conv5_2", 512, 2)]]
-LAYERS = FOUR_LAYER + VGG16_CIFAR
-STRIDE, PADDING, DILATION = 1, 1, 1
+# The layers (bench/cases.py): 4-layer conv2-conv4 and four VGG-16 CIFAR layers, bottleneck
+# S = T = C_in, 3×3, padding 1.
+LAYERS = ops_layers()
 BACKENDS = ["torch", "torch'", "naive", "reference", "cpp", "auto"]
-BASELINES = {"torch": torch_layer, "torch'": torch_layer, "naive": naive_layer}
-# Passes: inference forward; forward+backward with x requiring grad; forward+backward with x frozen.
-PASSES = ("fwd", "fwd+bwd", "fwd+bwd x frozen")
-
-
-def make_layer(batch, cin, cout, hw, group_sizes, dtype=torch.float32):
-    """Random inputs and term weights of one bottleneck layer (S = T = C_in, 3x3, padding 1)."""
-    S = T = cin
-    x = torch.randn(batch, cin, hw, hw, dtype=dtype)
-    firsts = [torch.randn(S, cin, 1, 1, dtype=dtype) * 0.1 for _ in group_sizes]
-    cores = [torch.randn(T, g, 3, 3, dtype=dtype) * 0.1 for g in group_sizes]
-    lasts = [torch.randn(cout, T, 1, 1, dtype=dtype) * 0.1 for _ in group_sizes]
-    bias = torch.randn(cout, dtype=dtype)
-    return x, firsts, cores, lasts, bias
-
-
-def runner(backend, tensors, group_sizes, group_size, pass_):
-    """A zero-argument callable running the layer once in pass `pass_` (one of PASSES)."""
-    x, firsts, cores, lasts, bias = tensors
-    backward = pass_ != "fwd"
-    params = [*firsts, *cores, *lasts, bias] + ([x] if pass_ == "fwd+bwd" else [])
-
-    def layer():
-        if backend in BASELINES:
-            return BASELINES[backend](x, firsts, cores, lasts, bias, group_sizes, group_size,
-                                      STRIDE, PADDING, DILATION)
-        return gk.series_bottleneck_conv2d(x, firsts, cores, lasts, bias, group_sizes, group_size,
-                                           stride=STRIDE, padding=PADDING, dilation=DILATION,
-                                           backend=backend)
-
-    def forward():
-        with torch.no_grad():
-            layer()
-
-    def forward_backward():
-        for p in params:
-            p.grad = None
-        y = layer()
-        y.backward(grad_y)
-
-    if backward:
-        for p in params:
-            p.requires_grad_(True)
-        with torch.no_grad():
-            grad_y = torch.randn_like(layer())
-        return forward_backward
-    return forward
-
-
+BASELINE_NAMES = ("torch", "torch'", "naive")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -110,27 +56,29 @@ def interleaved_medians(fns, repeats, clock):
 def run(repeats, backends, layers, clock):
     """Time every (layer, group size, pass, backend); returns a list of row dicts."""
     rows = []
-    for name, batch, cin, cout, hw, group_sizes in layers:
-        for group_size in (group_sizes[0], group_sizes[-1]):
+    for layer in layers:
+        for group_size in layer.extremes():
             for pass_ in PASSES:
-                tensors = make_layer(batch, cin, cout, hw, group_sizes)
-                row = {"layer": name, "batch": batch, "c_in": cin, "c_out": cout, "hw": hw,
-                       "group_sizes": list(group_sizes), "group_size": group_size, "pass": pass_}
-                fns = {b: runner(b, tensors, group_sizes, group_size, pass_) for b in backends}
+                tensors = make_tensors(layer)
+                row = {"layer": layer.title, "batch": layer.batch, "c_in": layer.c_in,
+                       "c_out": layer.c_out, "hw": layer.hw, "group_sizes": list(layer.group_sizes),
+                       "group_size": group_size, "pass": pass_}
+                fns = {b: runner(b, layer, tensors, group_size, pass_) for b in backends}
                 row["ms"] = interleaved_medians(fns, repeats, clock)
-                row["auto_path"] = auto_path(tensors, group_sizes, group_size, pass_)
+                row["auto_path"] = auto_path(layer, tensors, group_size, pass_)
                 rows.append(row)
                 print(format_row(row, backends), flush=True)
     return rows
 
 
-def auto_path(tensors, group_sizes, group_size, pass_):
+def auto_path(layer, tensors, group_size, pass_):
     """What `auto` decided to run on this row (where it is "reference", auto/ref shows noise only)."""
-    x, firsts, cores, lasts, bias = tensors
-    geom = SeriesGeom(tuple(group_sizes), group_size, (STRIDE,) * 2, (PADDING,) * 2, (DILATION,) * 2)
-    needs = Needs(x=pass_ == "fwd+bwd", A=pass_ != "fwd", cores=pass_ != "fwd", C=pass_ != "fwd",
-                  bias=pass_ != "fwd")
-    key = gk_backends.signature("bottleneck", x, cores, geom, needs, firsts, lasts, bias).key()
+    xs, firsts, cores, lasts, bias = tensors
+    geom = SeriesGeom(layer.group_sizes, group_size, *((v,) * 2 for v in
+                                                       (layer.stride, layer.padding, layer.dilation)))
+    train = pass_ != "fwd"
+    needs = Needs(x=pass_ == "fwd+bwd", A=train, cores=train, C=train, bias=train)
+    key = gk_backends.signature("bottleneck", xs[0], cores, geom, needs, firsts, lasts, bias).key()
     return next((row["winner"] for row in gk.dispatch_report(show=False) if row["key"] == key), "?")
 
 
@@ -180,14 +128,19 @@ def main():
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall time or process CPU time")
     parser.add_argument("--layers", default="", help="comma-separated substrings selecting layers")
     parser.add_argument("--out", default="bench/out/ops.json", help="JSON output path")
+    parser.add_argument("--use-cache", action="store_true",
+                        help="let auto reuse decisions from its disk cache (default: decide in this run)")
     args = parser.parse_args()
+    if not args.use_cache:
+        os.environ["GROSS_KERNELS_CACHE"] = "off"
     if args.repeats < 1 or args.threads < 1:
         raise ValueError("--repeats and --threads must be >= 1")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    backends = [b for b in BACKENDS if b in BASELINES or b == "auto" or b in gk.available_backends("cpu")]
+    backends = [b for b in BACKENDS
+                if b in BASELINE_NAMES or b == "auto" or b in gk.available_backends("cpu")]
     keys = [k for k in args.layers.split(",") if k]
-    layers = [layer for layer in LAYERS if not keys or any(k in layer[0] for k in keys)]
+    layers = [layer for layer in LAYERS if not keys or any(k in layer.title for k in keys)]
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, median of {args.repeats}, "
           f"load average {os.getloadavg()[0]:.1f}")
