@@ -21,8 +21,8 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     # Triton reads the flag when its kernels are defined, i.e. before the suites import them
-    # (importing gross_kernels does not import Triton).
-    from suite import kernel_device
+    # (gross_kernels imports Triton, through torch.compile's machinery).
+    from bench_device import kernel_device
 
     if kernel_device(config) == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")

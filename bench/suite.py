@@ -6,12 +6,6 @@ import gross_kernels as gk
 from cases import BASELINES, call_layer, make_tensors, rel_error, runner, tolerance
 
 
-def kernel_device(config):
-    """The kernel suite's device name: --bench-device, else cuda when a GPU is visible."""
-    chosen = config.getoption("--bench-device")
-    return chosen or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def case_id(layer, group_size):
     """A short test id for a layer at a group size, e.g. "vgg16-cifar:conv3_2+conv3_3:G32"."""
     names = "+".join(layer.names).replace(" ×", "x").replace(" ", "")

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from cases import NETS, unique_layers
-from suite import case_id, check_and_time, kernel_device
+from bench_device import kernel_device
+from suite import case_id, check_and_time
 
 BACKENDS = ("naive", "torch", "reference", "triton", "cuda", "auto")
 PASSES = ("fwd", "fwd+bwd")
