@@ -44,7 +44,7 @@ def test_shipped_configs_load_and_hold_the_recipes():
                           "vgg16_high_compression", "demo"}
     for name in names:
         cfg = cli.load_config(name)
-        from gross.reproduce import Experiment
+        from gross.experiment import Experiment
         Experiment(dict(cfg, device="cpu"))  # recipes, spec and model name all valid
     cfg = cli.load_config("four_layer_cifar10")
     assert (cfg["train"]["lr"], cfg["train"]["epochs"], cfg["train"]["milestones"]) == (0.1, 100, [50, 75])

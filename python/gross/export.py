@@ -1,9 +1,12 @@
 """Export one configuration of a series model as plain PyTorch, a torch.export program or ONNX."""
 import copy
+import io
 import os
 import tempfile
 
 import torch
+
+from gross_kernels.files import atomic_write
 
 from gross.config import series_layers, set_config
 
@@ -26,17 +29,9 @@ def to_plain(model, config=None):
 
 def save(module, path):
     """`torch.save` the whole module to `path` atomically (a crash leaves the old file or none)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(module, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    return atomic_write(path, buffer.getvalue())
 
 
 def load(path, map_location="cpu"):
@@ -61,6 +56,9 @@ def export_onnx(module, example_input, path):
     except ImportError as err:
         raise RuntimeError(f"ONNX export needs the onnx and onnxscript packages ({err}); "
                            f"pip install onnx onnxscript") from err
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.onnx.export(module.eval(), (example_input,), path, external_data=False)
-    return path
+    # The exporter writes to a path: write a scratch copy, then replace `path` atomically.
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = os.path.join(scratch, "model.onnx")
+        torch.onnx.export(module.eval(), (example_input,), tmp, external_data=False)
+        with open(tmp, "rb") as f:
+            return atomic_write(path, f.read())
