@@ -102,9 +102,15 @@ class Experiment:
         return spec.skeleton(self.architecture, self.spec)
 
     def check(self):
-        """Resolve and check the model source, weights, data, input size and spec; raises ValueError naming the key."""
+        """Resolve and check the model source, weights, data, input size and spec; returns the spec.
+
+        Raises ValueError (FileNotFoundError for missing data) naming the key and the rule. The
+        data splits are built here too, so that a bad split is refused before anything is written.
+        """
         models.check_weights(self.name, self.settings.weights)
-        return self.spec
+        spec = self.spec
+        self.splits
+        return spec
 
     # --- files
     def path(self, *parts):
