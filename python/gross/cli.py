@@ -242,7 +242,7 @@ def build_parser():
 
 def main(argv=None):
     """Entry point of the `gross` console script; returns the exit status."""
-    from gross.train import NonFiniteLossError
+    from gross.train import NonFiniteError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -253,7 +253,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("gross: interrupted (rerun the same command to resume)", file=sys.stderr)
         return 130
-    except NonFiniteLossError as err:  # the run failed, not the command line
+    except NonFiniteError as err:  # the run failed, not the command line
         if args.traceback:
             raise
         print(f"gross {args.command}: error: {err}", file=sys.stderr)

@@ -9,6 +9,7 @@ import torch
 from gross_kernels.files import atomic_write
 
 from gross.config import series_layers, set_config
+from gross.decompose.model import replace_module
 
 
 def to_plain(model, config=None):
@@ -21,9 +22,7 @@ def to_plain(model, config=None):
     if config is not None:
         set_config(plain, config)
     for name, layer in series_layers(plain).items():
-        parent_name, _, child = name.rpartition(".")
-        parent = plain.get_submodule(parent_name) if parent_name else plain
-        setattr(parent, child, layer.export())
+        replace_module(plain, name, layer.export())
     return plain
 
 

@@ -31,8 +31,9 @@ def compare(uniform, searched):
     if min(n_u, n_s) < 2:
         return {"budget": uniform["budget"], "difference": difference, "spread": None, "exceeds": None}
     spread = 2 * math.sqrt(uniform["test_acc_std"] ** 2 / n_u + searched["test_acc_std"] ** 2 / n_s)
+    # Accuracies are multiples of 1/N, so a difference can equal its spread exactly: that does not exceed it.
     return {"budget": uniform["budget"], "difference": difference, "spread": spread,
-            "exceeds": abs(difference) > spread}
+            "exceeds": abs(difference) > spread * (1 + 1e-9) + 1e-12}
 
 
 def _verdict(c):
@@ -60,7 +61,7 @@ def markdown_table(rows, comparisons, layers, epochs):
               f"the report split), test = the report split. Fine-tuned {epochs} epochs from the decomposition of "
               f"the trained network at that configuration alone, n runs each (seeds seed … seed+n−1): mean ± "
               f"sample std. Spread: twice the standard error of the difference of the two means, "
-              f"sqrt(s_u²/n + s_s²/n); a difference inside it is not shown by these runs. Run 1 of each "
+              f"2·sqrt(s_u²/n_u + s_s²/n_s); a difference inside it is not shown by these runs. Run 1 of each "
               f"configuration is exported as plain PyTorch to exported/<configuration>.pt."]
     return "\n".join(lines)
 

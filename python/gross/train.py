@@ -90,8 +90,9 @@ def get_recipe(name, **overrides):
     return dataclasses.replace(RECIPES[name], **overrides)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """Training met a NaN or infinite loss and stopped; the checkpoint on disk is the last good epoch's."""
+class NonFiniteError(FloatingPointError):
+    """Training met a NaN or infinite loss and stopped (the checkpoint on disk is the last good epoch's), or a
+    model's outputs are not finite when it is scored."""
 
 
 @dataclasses.dataclass
@@ -131,16 +132,21 @@ def accuracy(model, loader, device=None):
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    correct = total = 0
+    correct = total = broken = 0
     with torch.no_grad():
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            correct += (model(x).argmax(1) == y).sum().item()
+            out = model(x)
+            correct += (out.argmax(1) == y).sum().item()
+            broken += (~torch.isfinite(out)).any(1).sum().item()  # argmax would score them as a class
             total += y.numel()
     model.train(was_training)
-    correct, total = distributed.all_sum([correct, total], device)
+    correct, total, broken = distributed.all_sum([correct, total, broken], device)
     if total == 0:
         raise ValueError("accuracy: the loader yielded no samples")
+    if broken:
+        raise NonFiniteError(f"accuracy: the model's outputs are not finite (NaN or inf) on {int(broken)} of "
+                             f"{int(total)} samples: the network has diverged")
     return correct / total
 
 
@@ -197,14 +203,16 @@ def _evaluate(model, loader, device, recipe):
 
 
 def _stop_if_not_finite(loss, name, epoch, step, lr, ckpt_path, device):
-    """Raise NonFiniteLossError unless `loss` is finite on every process (all stop at the same step)."""
+    """Raise NonFiniteError unless `loss` is finite on every process (all stop at the same step)."""
     # One synchronisation per step: stopping at the first bad loss keeps NaN weights from any update.
     if distributed.all_true(torch.isfinite(loss.detach()), device):
         return
     kept = (f"the last good checkpoint {ckpt_path!r} is kept" if ckpt_path and os.path.isfile(ckpt_path)
             else "no checkpoint was written before it")
-    raise NonFiniteLossError(f"{name}: the loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} (lr {lr:g}): "
-                             f"training diverged and stopped; {kept}. Lower the learning rate")
+    advice = ("the network it starts from already gives non-finite outputs on this data" if (epoch, step) == (0, 0)
+              else "lower the learning rate")
+    raise NonFiniteError(f"{name}: the loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} (lr {lr:g}): "
+                         f"training stopped; {kept}; {advice}")
 
 
 def fit(model, train_loader, val_loader, recipe, out_dir=None, device=None, resume=False, seed=0,
@@ -215,7 +223,7 @@ def fit(model, train_loader, val_loader, recipe, out_dir=None, device=None, resu
     the process group is joined from the env and the model wrapped in DDP. The checkpoint holds
     model, optimizer, scheduler, grad scaler, epoch, history and every RNG state (per process),
     so a resumed run reproduces the uninterrupted one. `callback(epoch, step)` runs after each
-    optimizer step. A NaN or infinite loss stops training at once with NonFiniteLossError naming
+    optimizer step. A NaN or infinite loss stops training at once with NonFiniteError naming
     `name` (the stage), the epoch, step and learning rate; the checkpoint of the last finished
     epoch stays as it is. Returns FitResult(model, history).
     """

@@ -137,3 +137,25 @@ def series(conv, group_sizes, bottleneck=None, tol=1e-5, max_iter=500, method="p
     return (layer, results) if return_results else layer
 
 
+
+
+def single_term(layer, group_size):
+    """A one-term `SeriesConv2d` computing `layer` at `group_size`: the series' partial sums as its only term.
+
+    On a freshly decomposed series this is the BTD of the original conv at that size alone.
+    """
+    previous = layer.group_size
+    layer.group_size = group_size
+    try:
+        first, core, last = layer.export()
+    finally:
+        layer.group_size = previous
+    single = gk.SeriesConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, [group_size], layer.bottleneck,
+                             stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                             bias=layer.bias is not None, backend=layer.backend)
+    with torch.no_grad():
+        for target, source in ((single.firsts[0], first), (single.cores[0], core), (single.lasts[0], last)):
+            target.copy_(source.weight)
+        if layer.bias is not None:
+            single.bias.copy_(last.bias)
+    return single.to(device=layer.cores[0].device, dtype=layer.cores[0].dtype)

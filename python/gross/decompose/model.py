@@ -22,6 +22,12 @@ def _spec_entry(name, entry):
     return list(entry["group_sizes"]), bottleneck
 
 
+def replace_module(model, name, module):
+    """Put `module` in `model` in place of its submodule `name` (a dotted name from named_modules)."""
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
 def convert(model, spec, inplace=True, init="decompose", progress=True, device=None, tol=1e-5, max_iter=500,
             method="pci", workers=1):
     """Replace the Conv2d layers named in `spec` by their group-size series; returns the model.
@@ -61,7 +67,6 @@ def convert(model, spec, inplace=True, init="decompose", progress=True, device=N
         built = _series_layers(modules, plans, workers, progress)
     for name, (pair, sizes, _) in plans.items():
         layer = built[name][0] if init == "decompose" else _new_series_layer(modules[name], pair, sizes)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, attr, layer)
+        replace_module(model, name, layer)
     return model
 

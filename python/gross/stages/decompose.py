@@ -6,21 +6,16 @@ from gross.decompose import convert
 from gross.stages.train import trained
 
 
-def decompose(exp, spec=None):
-    """A copy of the trained network with the layers of `spec` (default: the experiment's) as series."""
-    d = exp.settings.decompose
-    return convert(trained(exp), spec or exp.spec, inplace=False, progress=exp.progress, init=d.init, tol=d.tol,
-                   max_iter=d.max_iter, method=d.method, workers=d.workers).to(exp.device)
-
-
 def decomposed(exp):
     """The series model straight after decomposition (`series_init.pt`)."""
     path = exp.path("series_init.pt")
     if os.path.exists(path):
         exp.snapshot()
         return exp.load(path)
-    trained(exp)
-    exp.log(f"[decompose] {len(exp.spec)} layers, init={exp.settings.decompose.init}")
-    model = decompose(exp)
+    base = trained(exp)
+    d = exp.settings.decompose
+    exp.log(f"[decompose] {len(exp.spec)} layers, init={d.init}")
+    model = convert(base, exp.spec, inplace=False, progress=exp.progress, init=d.init, tol=d.tol,
+                    max_iter=d.max_iter, method=d.method, workers=d.workers).to(exp.device)
     checkpoint.save_model(path, model, exp.record(exp.spec))
     return model

@@ -6,8 +6,23 @@ import os
 from gross_kernels.files import atomic_write_json
 
 from gross import export, search, train
-from gross.config import config_string
-from gross.stages.decompose import decompose
+from gross.config import config_string, series_layers, set_config
+from gross.decompose.layer import single_term
+from gross.decompose.model import replace_module
+from gross.stages.decompose import decomposed
+
+
+def alone(exp, config):
+    """The trained network decomposed at `config` alone: each layer's term at its size from `series_init.pt`.
+
+    A fresh series' partial sums at a size are that size's own BTD (gross.decompose.series), so
+    this equals decomposing at `config` again, without running its BTDs a second time.
+    """
+    model = copy.deepcopy(decomposed(exp))
+    set_config(model, config, complete=True)
+    for name, layer in series_layers(model).items():
+        replace_module(model, name, single_term(layer, config[name]))
+    return model
 
 
 def finetune(exp, config, run):
@@ -24,9 +39,7 @@ def finetune(exp, config, run):
             return json.load(f)
     single = exp.memo.get("single")
     if single is None or single[0] != key:  # one decomposition per configuration: its runs are adjacent
-        spec = {name: {"group_sizes": [g], "bottleneck": exp.spec[name].get("bottleneck")}
-                for name, g in config.items()}
-        exp.memo["single"] = single = (key, decompose(exp, spec))
+        exp.memo["single"] = single = (key, alone(exp, config))
     model = copy.deepcopy(single[1])
     recipe = exp.recipes["finetune"]
     exp.log(f"[finetune] {key} run {run + 1}: {recipe.epochs} epochs")
