@@ -4,6 +4,7 @@ The paper's networks (4-layer CIFAR net, VGG-16 CIFAR/ImageNet, ResNet-18) are d
 their initialisation, human layer names and series specs.
 """
 import inspect
+import logging
 import os
 
 import torch
@@ -286,6 +287,10 @@ def check_input(model, name, input_size, num_classes):
 
     was_training = model.training
     model.eval()
+    # The fake-tensor mode logs a failing shape check with its traceback; the error raised below says it in a line.
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
             out = model(torch.empty(1, *input_size))
@@ -294,6 +299,7 @@ def check_input(model, name, input_size, num_classes):
         raise ValueError(f"data.input_size {list(input_size)}: model {name!r} cannot run on it "
                          f"(too small for the network? {first})") from err
     finally:
+        quiet.setLevel(level)
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != num_classes:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
