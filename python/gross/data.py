@@ -166,9 +166,9 @@ def load_imagefolder(root, augment=True, input_size=(3, 224, 224), mean=IMAGENET
     return train, val, val
 
 
-def load_imagenet(root, augment=True, input_size=(3, 224, 224)):
-    """ImageNet as an image folder (train, val, val); its test labels are not public, so `splits` holds out a search split."""
-    return load_imagefolder(root, augment, input_size, IMAGENET_MEAN, IMAGENET_STD)
+# ImageNet is an image folder (root/train, root/val) read with its own statistics, the defaults;
+# its test labels are not public, so `splits` holds a search split out of train and reports on val.
+load_imagenet = load_imagefolder
 
 
 def load_embedded(augment=False, input_size=(3, 32, 32), mean=None, std=None):
@@ -217,7 +217,7 @@ def load(name, root=None, augment=True, input_size=None, mean=None, std=None):
         return load_embedded(False, size, **stats)
     if root is None:
         raise ValueError(f"dataset {name!r} needs a root folder (data.root)")
-    readers = {"cifar10": load_cifar10, "cifar100": load_cifar100, "imagenet": load_imagefolder,
+    readers = {"cifar10": load_cifar10, "cifar100": load_cifar100, "imagenet": load_imagenet,
                "imagefolder": load_imagefolder}
     return readers[name](root, augment, size, **stats)
 

@@ -109,7 +109,7 @@ class Experiment:
         """
         models.check_weights(self.name, self.settings.weights)
         spec = self.spec
-        self.splits
+        _ = self.splits  # built now, so that a bad split is refused before any stage writes
         return spec
 
     # --- files
