@@ -164,7 +164,7 @@ def cmd_spec(args):
         layers, left = spec.auto_spec(exp.architecture, exp.input_size, d.auto)
     else:
         layers, left = exp.check(), {}
-    auto = ", ".join(f"{k} {v}" for k, v in exp.settings.to_dict()["decompose"]["auto"].items())
+    auto = ", ".join(f"{k}: {json.dumps(v)}" for k, v in exp.settings.to_dict()["decompose"]["auto"].items())
     header = [f"gross spec: {exp.name} at input {'×'.join(map(str, exp.input_size))}, {exp.num_classes} classes "
               f"(config {args.config})",
               f"decompose.spec: {d.spec if isinstance(d.spec, str) else 'a mapping'}" +
