@@ -6,7 +6,7 @@ import sys
 
 import yaml
 
-from gross.settings import load_config, shipped_configs
+from gross.settings import load_config, shipped_configs, yaml_load
 
 
 def _experiment(args, chain=True, check=True):
@@ -33,8 +33,8 @@ def _yaml_arg(text, option):
     try:
         if os.path.isfile(text):
             with open(text) as f:
-                return yaml.safe_load(f)
-        return yaml.safe_load(text)
+                return yaml_load(f)
+        return yaml_load(text)
     except yaml.YAMLError as err:
         raise ValueError(f"{option} {text!r}: not valid YAML ({str(err).splitlines()[0]})") from err
 

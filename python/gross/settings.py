@@ -8,6 +8,7 @@ a field of that type to `ExperimentSettings`.
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Mapping
 
 import yaml
@@ -279,6 +280,19 @@ def from_dict(raw, origin="the config"):
 # --------------------------------------------------------------------------------------------
 # YAML files and command-line overrides
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's floats: PyYAML (YAML 1.1) reads `1e-3`, without a dot, as a string."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def yaml_load(stream):
+    """Parse YAML text or a file object (safe types only; `1e-3` is a float)."""
+    return yaml.load(stream, Loader=_Loader)
+
+
 def shipped_configs():
     """Names of the experiment configs shipped in gross/configs."""
     return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
@@ -311,7 +325,7 @@ def apply_override(cfg, text):
     if not sep or not key:
         raise ValueError(f"--set {text!r}: expected key.sub=value")
     try:
-        value = yaml.safe_load(raw)
+        value = yaml_load(raw)
     except yaml.YAMLError as err:
         raise ValueError(f"--set {text!r}: the value is not valid YAML ({err.__class__.__name__})") from err
     *parents, leaf = key.split(".")
@@ -328,7 +342,7 @@ def load_config(name, overrides=(), device=None, data_root=None, out=None):
     path = config_path(name)
     try:
         with open(path) as f:
-            cfg = yaml.safe_load(f)
+            cfg = yaml_load(f)
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
     from_dict(cfg, path)

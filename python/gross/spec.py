@@ -17,6 +17,7 @@ from gross import models
 from gross.decompose import convert
 from gross.decompose.layer import conv_padding
 from gross.macs import count_macs
+from gross.settings import yaml_load
 
 NAMED = ("auto", "default", "high_compression")
 
@@ -100,7 +101,7 @@ def _mapping(setting, model_name):
                              f"{{group_sizes, bottleneck}} or a YAML file of one, got {setting!r} (no such file)")
         try:
             with open(setting) as f:
-                setting = yaml.safe_load(f)
+                setting = yaml_load(f)
         except yaml.YAMLError as err:
             raise ValueError(f"decompose.spec {f.name!r}: not valid YAML ({str(err).splitlines()[0]})") from err
     if not isinstance(setting, Mapping) or not setting:
