@@ -58,8 +58,9 @@ def markdown_table(rows, comparisons, layers, epochs):
         lines.append(f"| {c['budget']} | {100 * c['difference']:+.2f} % | {spread} | {_verdict(c)} |")
     lines += ["",
               f"Configuration: group size per layer, in order {', '.join(layers)}. Val = the search split (never "
-              f"the report split), test = the report split. Fine-tuned {epochs} epochs from the decomposition of "
-              f"the trained network at that configuration alone, n runs each (seeds seed … seed+n−1): mean ± "
+              f"the report split), test = the report split. Fine-tuned {epochs} epoch{'s' * (epochs != 1)} from the "
+              f"decomposition of the trained network at that configuration alone, n runs each (seeds seed … "
+              f"seed+n−1): mean ± "
               f"sample std. Spread: twice the standard error of the difference of the two means, "
               f"2·sqrt(s_u²/n_u + s_s²/n_s); a difference inside it is not shown by these runs. Run 1 of each "
               f"configuration is exported as plain PyTorch to exported/<configuration>.pt."]
