@@ -146,8 +146,7 @@ def cmd_export(args):
         if fmt == "pt":
             print(export.save(plain, f"{stem}.pt"))
         elif fmt == "program":
-            torch.export.save(export.export_program(plain, example), f"{stem}.pt2")
-            print(f"{stem}.pt2")
+            print(export.save_program(export.export_program(plain, example), f"{stem}.pt2"))
         else:
             try:
                 print(export.export_onnx(plain, example, f"{stem}.onnx"))

@@ -47,6 +47,13 @@ def export_program(module, example_input, dynamic_batch=True):
     return torch.export.export(module.eval(), (example_input,), dynamic_shapes=shapes)
 
 
+def save_program(program, path):
+    """`torch.export.save` an exported program to `path` atomically."""
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return atomic_write(path, buffer.getvalue())
+
+
 def export_onnx(module, example_input, path):
     """ONNX file of `module` in eval mode (needs the `onnx` and `onnxscript` packages)."""
     try:
