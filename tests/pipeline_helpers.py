@@ -50,3 +50,21 @@ def tiny_demo_overrides(runs, budgets, spec):
             "--set", "finetune.batch_size=256",
             "--set", f"reproduce.runs={runs}", "--set", f"reproduce.budgets={budgets}",
             "--set", "decompose.max_iter=3", "--set", f"decompose.spec={spec}"]
+
+
+def tiny_image_folder(root, classes=3, train=8, val=4, size=32):
+    """An ImageFolder tree root/train/digitC/*.png, root/val/digitC/*.png of embedded digits (distinct images)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for c in range(classes):
+        members = np.nonzero(digits.target == c)[0]
+        for split, picked in (("train", members[:train]), ("val", members[train:train + val])):
+            folder = root / split / f"digit{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in picked:
+                image = Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).convert("RGB")
+                image.resize((size, size)).save(folder / f"{i}.png")
+    return root

@@ -44,7 +44,7 @@ def test_shipped_configs_load_and_hold_the_recipes():
                           "vgg16_high_compression", "demo"}
     for name in names:
         cfg = cli.load_config(name)
-        from gross.reproduce import Experiment
+        from gross.experiment import Experiment
         Experiment(dict(cfg, device="cpu"))  # recipes, spec and model name all valid
     cfg = cli.load_config("four_layer_cifar10")
     assert (cfg["train"]["lr"], cfg["train"]["epochs"], cfg["train"]["milestones"]) == (0.1, 100, [50, 75])
@@ -144,3 +144,83 @@ def test_reproduce_with_bfs_search(tmp_path, capsys):
     assert code == 0 and "| 16 | uniform | 16-16 |" in out and "| 32 | searched |" in out
     results = json.load(open(os.path.join(out_dir, "results.json")))
     assert all(r["macs"] <= results["rows"][2 * (i // 2)]["macs"] for i, r in enumerate(results["rows"]))
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one line naming the key and the rule, exit status 2, nothing written or overwritten
+
+def _folder(tmp_path, layout):
+    from PIL import Image
+
+    for split, classes in layout.items():
+        for c in classes:
+            (tmp_path / "images" / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / "images" / split / c / "x.png")
+    return ["--config", "imagefolder", "--data-root", str(tmp_path / "images")]
+
+
+DEMO = ["--config", "demo"]
+NET = ["--config", "demo", "--set", "model=python:user_nets:small_net", "--set", "decompose.spec=auto"]
+BAD_INPUTS = {
+    "model string": (DEMO + ["--set", "model=torchvision:resnet5000"],
+                     "model 'torchvision:resnet5000': 'resnet5000' is not a torchvision classification model"),
+    "model form": (DEMO + ["--set", "model=keras:resnet50"], "model must be one of the paper's networks"),
+    "factory": (DEMO + ["--set", "model=python:user_nets:missing"], "module 'user_nets' has no callable 'missing'"),
+    "factory module": (DEMO + ["--set", "model=python:no_such_module_xyz:net"], "'no_such_module_xyz' cannot be imported"),
+    "factory kwargs": (NET + ["--set", "model_kwargs={depth: 3}"], "the factory refused model_kwargs {'depth': 3}"),
+    "timm": (DEMO + ["--set", "model=timm:resnet18"], "needs the optional package timm"),
+    "weights": (DEMO + ["--set", "weights=no/such/file.pt"], "weights for 'four_layer' must be an existing file"),
+    "spec layer": (DEMO + ["--set", "decompose.spec={conv9: {group_sizes: [1, 2]}}"],
+                   "decompose.spec: spec names layer 'conv9', which is not in the model"),
+    "spec not a conv": (DEMO + ["--set", "decompose.spec={fc1: {group_sizes: [1]}}"],
+                        "decompose.spec['fc1']: the layer is a Linear, not a k×k convolution (k > 1)"),
+    "spec 1×1": (NET + ["--set", "decompose.spec={'7': {group_sizes: [1]}}"],
+                 "decompose.spec['7']: the layer is a 1×1 convolution, not a k×k convolution (k > 1)"),
+    "spec grouped": (NET + ["--set", "decompose.spec={'5': {group_sizes: [1]}}"],
+                     "decompose.spec: layer '5': conv must be an ungrouped convolution (groups=1), got groups=32"),
+    "group sizes": (DEMO + ["--set", "decompose.spec={conv2: {group_sizes: [3, 6], bottleneck: 32}}"],
+                    "decompose.spec: layer 'conv2': group_sizes: every group size must divide the bottleneck S=32, "
+                    "3 does not"),
+    "group sizes nested": (DEMO + ["--set", "decompose.spec={conv2: {group_sizes: [4, 2]}}"],
+                           "decompose.spec: layer 'conv2': group_sizes must be strictly increasing"),
+    "spec file": (DEMO + ["--set", "decompose.spec=no_such_spec.yaml"], "(no such file)"),
+    "auto chain": (DEMO + ["--set", "decompose.auto.group_sizes=[2, 3]"],
+                   "decompose.auto.group_sizes must be a nested chain (increasing, each dividing the next)"),
+    "auto finds nothing": (NET + ["--set", "decompose.auto.min_channels=64"],
+                           "auto finds no convolution to decompose in 'python:user_nets:small_net'"),
+    "input too small": (DEMO + ["--set", "data.input_size=[3, 16, 16]"],
+                        "data.input_size [3, 16, 16]: model 'four_layer' cannot run on it"),
+    "input channels": (DEMO + ["--set", "data.input_size=[4, 32, 32]"], "data.input_size must be [C, H, W] with C 1 or 3"),
+    "one class": (lambda tmp: _folder(tmp, {"train": ["a"], "val": ["a"]}),
+                  "an image folder needs at least two classes under train/, found 1"),
+    "missing split": (lambda tmp: _folder(tmp, {"train": ["a", "b"]}), "has no split folder 'val'"),
+    "search split too big": (lambda tmp: _folder(tmp, {"train": ["a", "b"], "val": ["a", "b"]}) + [
+        "--set", "data.search_per_class=1"], "data.search_per_class=1: class 0 has only 1 training images"),
+    "search split of CIFAR-10's kind": (DEMO + ["--set", "data.search_per_class=10"],
+                                        "data.search_per_class must be null for embedded"),
+    "dataset": (DEMO + ["--set", "data.name=mnist"], "data.name must be one of ['embedded', 'cifar10', 'cifar100'"),
+    "recipe": (DEMO + ["--set", "finetune.lr=-1"], "finetune.lr must be a positive number, got -1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_are_one_line_exit_2_and_write_nothing(case, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # as where timm is not installed
+    args, message = BAD_INPUTS[case]
+    args = args(tmp_path) if callable(args) else args
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier run's file")
+    code, _, err = run(capsys, "reproduce", *args, "--out", str(out), "--quiet", "--device", "cpu")
+    assert code == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err, err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "an earlier run's file"
+
+
+def test_a_diverging_run_names_stage_epoch_step_and_lr(tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--config", "demo", "--out", str(tmp_path), "--quiet", "--set", "train.lr=20",
+                       "--set", "data.limit=300")
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith("gross train: error: train (run 1 of 1): the loss is nan at epoch 1, step ")
+    assert "(lr 20): training stopped" in err and not (tmp_path / "base.pt").exists()

@@ -58,3 +58,25 @@ def test_sample_config_is_seeded_uniform_and_applied():
     gen = torch.Generator().manual_seed(0)
     seen = {size for _ in range(200) for size in [config.sample_config(model, gen)["conv4"]]}
     assert seen == {1, 2, 4, 8, 16, 32, 64}
+
+
+def test_experiment_settings_have_one_typed_section_each(tmp_path):
+    from gross import settings
+
+    cfg = settings.load_config("demo", ["decompose.tol=1e-3", "search.beam=2", "decompose.auto.include=[conv*]",
+                                        "model_kwargs.width=3"])
+    assert cfg["decompose"]["tol"] == 0.001  # YAML 1.1 would read 1e-3 as text
+    s = settings.from_dict(cfg)
+    assert isinstance(s.data, settings.DataSettings) and isinstance(s.decompose.auto, settings.AutoSpecSettings)
+    assert s.search.beam == 2 and s.decompose.auto.include == ("conv*",) and s.model_kwargs == {"width": 3}
+    assert s.reproduce.runs >= 3 and s.decompose.auto.max_group_size == 32  # defaults, written once
+    assert settings.from_dict(s.to_dict()) == s  # experiment.json reads back as the same settings
+    path = tmp_path / "minimal.yaml"
+    path.write_text("model: four_layer\nout: x\ntrain: {epochs: 1, lr: 0.1}\nsearch_space: {epochs: 1, lr: 1e-4, "
+                    "sample: true, series_only: true}\nfinetune: {epochs: 1, lr: 1.0e-3}\n")
+    minimal = settings.from_dict(settings.load_config(str(path)))
+    assert minimal.search == settings.SearchSettings() and minimal.search_space.lr == 1e-4
+    with pytest.raises(ValueError, match=r"unknown keys \['data.nmae', 'search.bream'\]"):
+        settings.from_dict(dict(cfg, search={"bream": 1}, data={"nmae": "x"}))
+    with pytest.raises(ValueError, match="search.strategy must be one of \\['exhaustive', 'bfs'\\], got 'dfs'"):
+        settings.from_dict(dict(cfg, search={"strategy": "dfs"}))

@@ -130,3 +130,99 @@ def test_shard_sampler_splits_exactly():
     shards = [list(data.ShardSampler(7, r, 3)) for r in range(3)]
     assert shards == [[0, 3, 6], [1, 4], [2, 5]]
     assert sorted(sum(shards, [])) == list(range(7))
+
+
+# --------------------------------------------------------------------------------------------
+# Any dataset: image folders, CIFAR-100, settings; the search split never the report split
+
+from gross.settings import DataSettings  # noqa: E402
+from pipeline_helpers import tiny_image_folder  # noqa: E402
+
+
+def _paths(dataset):
+    """The image files a (Subset of an) ImageFolder yields, in order."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return [_paths(dataset.dataset)[i] for i in dataset.indices]
+    return [path for path, _ in dataset.samples]
+
+
+def test_image_folder_splits_are_disjoint_seeded_and_stratified(tmp_path):
+    root = tiny_image_folder(tmp_path, classes=3, train=8, val=4)
+    s = data.splits(DataSettings(name="imagefolder", root=str(root), search_per_class=2, input_size=(3, 40, 48)))
+    train, search, report = (_paths(d) for d in (s.train, s.search, s.report))
+    assert s.num_classes == 3 and (len(train), len(search), len(report)) == (18, 6, 12)
+    assert all("/train/" in p for p in train + search) and all("/val/" in p for p in report)
+    assert not set(search) & set(report) and not set(search) & set(train)  # never overlapping
+    assert sorted(train + search) == sorted(_paths(data.load_imagefolder(root)[0]))
+    assert sorted(torch.tensor([y for _, y in s.search]).tolist()) == [0, 0, 1, 1, 2, 2]
+    again = data.splits(DataSettings(name="imagefolder", root=str(root), search_per_class=2))
+    other = data.splits(DataSettings(name="imagefolder", root=str(root), search_per_class=2, split_seed=1))
+    assert _paths(again.search) == search and _paths(other.search) != search
+    # the held-out images are evaluated: no augmentation; training images are augmented
+    x, _ = s.search[0]
+    assert x.shape == (3, 40, 48) and torch.equal(x, s.search[0][0])
+    assert s.train[0][0].shape == (3, 40, 48) and not torch.equal(s.train[0][0], s.train[0][0])
+    # default size: a tenth of the smallest class, at least one
+    assert len(data.splits(DataSettings(name="imagefolder", root=str(root))).search) == 3
+
+
+def test_image_folder_normalisation_and_channels_are_settings(tmp_path):
+    root = tiny_image_folder(tmp_path, classes=2, train=2, val=1)
+    plain = data.splits(DataSettings(name="imagefolder", root=str(root), input_size=(3, 8, 8), mean=(0, 0, 0),
+                                     std=(1, 1, 1)))
+    x, _ = plain.report[0]
+    assert 0 <= x.min() and x.max() <= 1  # scaled to [0, 1] only
+    gray = data.splits(DataSettings(name="imagefolder", root=str(root), input_size=(1, 8, 8), mean=(0.5,),
+                                    std=(0.25,)))
+    assert gray.report[0][0].shape == (1, 8, 8)
+    with pytest.raises(ValueError, match="one value per channel"):
+        data.splits(DataSettings(name="imagefolder", root=str(root), input_size=(1, 8, 8)))
+
+
+def test_cifar10_keeps_the_papers_split(tmp_path):
+    batches = _write_cifar(tmp_path)
+    s = data.splits(DataSettings(name="cifar10", root=str(tmp_path)))
+    assert s.search.labels.tolist() == batches["data_batch_5"][b"labels"]
+    assert s.report.labels.tolist() == batches["test_batch"][b"labels"]
+    with pytest.raises(ValueError, match="search_per_class must be null for cifar10: it searches on its own "
+                                         "validation split \\(data batch 5\\)"):
+        data.splits(DataSettings(name="cifar10", root=str(tmp_path), search_per_class=1))
+
+
+def test_cifar100_holds_out_a_search_split(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    labels = {"train": [c for c in range(100) for _ in range(3)], "test": list(range(100))}
+    for name, ys in labels.items():
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (len(ys), 3072), dtype=np.uint8), b"fine_labels": ys,
+                         b"coarse_labels": [y // 5 for y in ys]}, f)
+    s = data.splits(DataSettings(name="cifar100", root=str(tmp_path), search_per_class=1))
+    assert s.num_classes == 100 and (len(s.train), len(s.search), len(s.report)) == (200, 100, 100)
+    assert not set(s.train.indices) & set(s.search.indices)
+    assert sorted(s.search.dataset.labels[s.search.indices].tolist()) == list(range(100))
+    assert s.search[0][0].shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="search_per_class=3: class 0 has only 3 training images"):
+        data.splits(DataSettings(name="cifar100", root=str(tmp_path), search_per_class=3))
+
+
+def test_embedded_search_and_report_splits_never_overlap():
+    s = data.splits(DataSettings(name="embedded"))
+    keys = [{bytes(img.numpy()) for img in d.images} for d in (s.train, s.search, s.report)]
+    assert not keys[1] & keys[2] and not keys[0] & keys[1] and s.num_classes == 10
+
+
+@pytest.mark.parametrize("layout, error, message", [
+    ({"train": ["a"], "val": ["a"]}, ValueError, r"at least two classes under train/, found 1 \(\['a'\]\)"),
+    ({"train": ["a", "b"]}, FileNotFoundError, "has no split folder 'val'"),
+    ({"val": ["a", "b"]}, FileNotFoundError, "has no split folder 'train'"),
+    ({"train": ["a", "b"], "val": ["a", "c"]}, ValueError, r"only in train/: \['b'\], only in val/: \['c'\]"),
+])
+def test_bad_image_folders(tmp_path, layout, error, message):
+    for split, classes in layout.items():
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (4, 4)).save(tmp_path / split / c / "x.png")
+    with pytest.raises(error, match=message):
+        data.num_classes("imagefolder", str(tmp_path))

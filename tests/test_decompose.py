@@ -262,7 +262,7 @@ def test_greedy_start_is_the_released_pcis_first_passes():
     pytest.importorskip("tensorly")
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
     from tensorly_pci import pci
-    from gross import _btd, _greedy
+    from gross.decompose import _btd, _greedy
 
     gen = torch.Generator().manual_seed(11)
     for c_out, c_in, g in ((20, 16, 2), (24, 12, 3), (16, 8, 8)):
@@ -276,7 +276,7 @@ def test_greedy_start_is_the_released_pcis_first_passes():
 
 
 def test_auto_init_is_greedy_on_narrow_layers_and_hosvd_on_wide_ones():
-    from gross import _btd, _greedy
+    from gross.decompose import _btd, _greedy
     from gross.decompose import GREEDY_MAX_WIDTHS, GREEDY_PASSES
 
     W = torch.randn(12, 8, 3, 3, dtype=F64)
@@ -292,7 +292,7 @@ def test_auto_init_is_greedy_on_narrow_layers_and_hosvd_on_wide_ones():
 def test_delayed_residual_updates_give_the_same_iterates():
     # Chunks refit blocks against the chunk-start residual plus their predecessors' low-rank
     # changes: exactly Gauss-Seidel, whatever the chunk length (here not dividing the block count).
-    from gross import _btd
+    from gross.decompose import _btd
 
     W3 = torch.randn(12, 9, 16, dtype=F64)
     fits = []
@@ -306,7 +306,7 @@ def test_delayed_residual_updates_give_the_same_iterates():
 
 
 def test_extrapolation_never_raises_the_error_of_a_pass():
-    from gross import _btd
+    from gross.decompose import _btd
 
     W3 = torch.randn(16, 9, 12, dtype=F64)
     errors = [_btd.pci(W3, _btd.hosvd_init(W3, 4, 4, 3), 0.0, n)[1] for n in (1, 2, 5, 10, 20)]
@@ -326,7 +326,7 @@ def test_single_block_reaches_the_optimal_tucker2():
 def test_warm_subspace_passes_never_raise_the_error():
     # Each block's factors take one subspace-iteration step per visit instead of an exact
     # eigendecomposition; without extrapolation, every pass must still be a descent step.
-    from gross import _btd
+    from gross.decompose import _btd
 
     W3 = torch.randn(20, 9, 14, dtype=F64)
     errors = [_btd.pci(W3, _btd.hosvd_init(W3, 7, 2, 2), 0.0, n, extrapolate=False)[1] for n in range(1, 9)]

@@ -55,6 +55,11 @@ def test_demo_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     assert open(os.path.join(out_dir, "table.md")).read() == before
 
 
+def test_shipped_demo_compares_at_least_three_runs():
+    cfg = cli.load_config("demo")
+    assert cfg["reproduce"]["runs"] >= 3 and len(cfg["reproduce"]["budgets"]) >= 1
+
+
 def test_module_entry_point_runs():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     done = subprocess.run([sys.executable, "-m", "gross.cli", "demo", "--help"], capture_output=True, text=True,

@@ -175,3 +175,36 @@ def test_end_to_end_train_convert_search_space(tmp_path):
     result = train.train_search_space(converted, loaders[0], loaders[1], recipe, out_dir=tmp_path, progress=False, device="cpu")
     assert 0.0 <= result.history[0]["val_acc_smallest"] <= 1.0
     assert (tmp_path / train.CHECKPOINT_NAME).exists()
+
+
+class _Poisoned(nn.Module):
+    """Wraps a model; once `poisoned` is set its outputs are NaN (a diverged network, on cue)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.poisoned = model, False
+
+    def forward(self, x):
+        out = self.model(x)
+        return out * float("nan") if self.poisoned else out
+
+
+def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path):
+    loaders = _loaders(n_train=96, batch_size=32)  # 3 steps per epoch
+    model = _Poisoned(models.build("four_layer"))
+    seen = []
+
+    def poison(epoch, step):
+        seen.append((epoch, step))
+        model.poisoned = (epoch, step) == (1, 0)  # the loss of epoch 2, step 2 is NaN
+
+    with pytest.raises(train.NonFiniteError, match=r"^finetune 4-4: the loss is nan at epoch 2, step 2 "
+                                                      r"\(lr 0\.05\): training stopped; the last good checkpoint "
+                                                 r".*checkpoint\.pt' is kept; lower the learning rate"):
+        train.fit(model, loaders[0], loaders[1], train.Recipe(epochs=3, lr=0.05), tmp_path, device="cpu",
+                  progress=False, callback=poison, name="finetune 4-4")
+    assert seen == [(0, 0), (0, 1), (0, 2), (1, 0)]  # no step ran after the NaN loss
+    state = checkpoint.load(tmp_path / train.CHECKPOINT_NAME)
+    assert state["epoch"] == 1 and len(state["history"]) == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert len(json.loads((tmp_path / "metrics.json").read_text())) == 1

@@ -1,4 +1,10 @@
-"""Checkpoints: atomic save (temp file + fsync + rename) and verified load (format, SHA-256, signature)."""
+"""Checkpoints and model files: atomic save (temp file + fsync + rename), verified load (format, SHA-256, signature).
+
+A model file is `save_weights` of a model with a `ModelRecord` as its meta: how to rebuild the
+architecture (source string, builder keyword arguments, class count, series spec) and its active
+configuration, so any stage reloads it (`gross.models.load`).
+"""
+import dataclasses
 import hashlib
 import io
 import json
@@ -101,3 +107,37 @@ def load_weights(path, model):
     payload = load(path, {"model": model_signature(model)})
     model.load_state_dict(payload["model"])
     return payload["meta"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRecord:
+    """What a model file records besides the weights: enough to rebuild the architecture, plus results."""
+
+    model: str                  # the source string (gross.models.parse_source)
+    num_classes: int = None
+    kwargs: dict = dataclasses.field(default_factory=dict)   # the builder's keyword arguments
+    spec: dict = None           # the series spec the model was converted with (None: not converted)
+    config: dict = None         # its active configuration
+    metrics: dict = None        # e.g. val_acc, test_acc
+
+    def to_json(self):
+        """JSON-able form, stored in the file's header."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def save_model(path, model, record):
+    """Write a model file: `model`'s weights (atomically) with its `ModelRecord`."""
+    if not isinstance(record, ModelRecord):
+        raise TypeError(f"record must be a gross.checkpoint.ModelRecord, got {type(record).__name__}")
+    save_weights(path, model, record.to_json())
+
+
+def read_record(path):
+    """The `ModelRecord` of a model file, without loading its weights."""
+    meta = (read_header(path).get("signature") or {}).get("meta")
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise CheckpointError(f"{os.fspath(path)!r} is not a gross model file (it records no model); "
+                              f"it was not written by save_model")
+    # Files from before `kwargs` existed lack it; other absent or null fields take their defaults.
+    fields = {f.name for f in dataclasses.fields(ModelRecord)}
+    return ModelRecord(**{k: v for k, v in meta.items() if k in fields and v is not None})

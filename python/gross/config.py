@@ -68,3 +68,8 @@ def extreme_config(model, largest=True):
 def sample_config(model, generator=None):
     """Draw and activate a uniformly random group size per SeriesConv2d layer; returns the config."""
     return {name: layer.sample_group_size(generator) for name, layer in series_layers(model).items()}
+
+
+def config_string(config):
+    """Compact form of a configuration: group sizes in layer order, e.g. '4-8-16'."""
+    return "-".join(str(g) for g in config.values())

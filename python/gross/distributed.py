@@ -63,6 +63,14 @@ def all_sum(values, device):
     return t.tolist()
 
 
+def all_true(flag, device):
+    """True when the boolean tensor `flag` is True on every process."""
+    t = flag.to(device=device, dtype=torch.int32).reshape(())
+    if is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def all_gather(obj):
     """List of `obj` from every process, indexed by rank."""
     if not is_initialized():

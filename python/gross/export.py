@@ -1,11 +1,15 @@
 """Export one configuration of a series model as plain PyTorch, a torch.export program or ONNX."""
 import copy
+import io
 import os
 import tempfile
 
 import torch
 
+from gross_kernels.files import atomic_write
+
 from gross.config import series_layers, set_config
+from gross.decompose.model import replace_module
 
 
 def to_plain(model, config=None):
@@ -18,25 +22,15 @@ def to_plain(model, config=None):
     if config is not None:
         set_config(plain, config)
     for name, layer in series_layers(plain).items():
-        parent_name, _, child = name.rpartition(".")
-        parent = plain.get_submodule(parent_name) if parent_name else plain
-        setattr(parent, child, layer.export())
+        replace_module(plain, name, layer.export())
     return plain
 
 
 def save(module, path):
     """`torch.save` the whole module to `path` atomically (a crash leaves the old file or none)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(module, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    return atomic_write(path, buffer.getvalue())
 
 
 def load(path, map_location="cpu"):
@@ -53,6 +47,13 @@ def export_program(module, example_input, dynamic_batch=True):
     return torch.export.export(module.eval(), (example_input,), dynamic_shapes=shapes)
 
 
+def save_program(program, path):
+    """`torch.export.save` an exported program to `path` atomically."""
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return atomic_write(path, buffer.getvalue())
+
+
 def export_onnx(module, example_input, path):
     """ONNX file of `module` in eval mode (needs the `onnx` and `onnxscript` packages)."""
     try:
@@ -61,6 +62,9 @@ def export_onnx(module, example_input, path):
     except ImportError as err:
         raise RuntimeError(f"ONNX export needs the onnx and onnxscript packages ({err}); "
                            f"pip install onnx onnxscript") from err
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.onnx.export(module.eval(), (example_input,), path, external_data=False)
-    return path
+    # The exporter writes to a path: write a scratch copy, then replace `path` atomically.
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = os.path.join(scratch, "model.onnx")
+        torch.onnx.export(module.eval(), (example_input,), tmp, external_data=False)
+        with open(tmp, "rb") as f:
+            return atomic_write(path, f.read())

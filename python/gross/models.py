@@ -1,9 +1,19 @@
-"""The paper's networks (4-layer CIFAR net, VGG-16 CIFAR/ImageNet, ResNet-18), their init and series specs."""
+"""Networks from any source (the paper's, torchvision, timm, the user's factories), their weights and model files.
+
+The paper's networks (4-layer CIFAR net, VGG-16 CIFAR/ImageNet, ResNet-18) are defined here with
+their initialisation, human layer names and series specs.
+"""
+import inspect
+import logging
 import os
 
 import torch
 import torch.nn as nn
 import torchvision
+
+from gross import checkpoint
+from gross.config import set_config
+from gross.decompose import convert
 
 NAMES = ("four_layer", "vgg16_cifar", "vgg16_imagenet", "resnet18")
 
@@ -11,7 +21,6 @@ NAMES = ("four_layer", "vgg16_cifar", "vgg16_imagenet", "resnet18")
 _VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 _DEFAULT_CLASSES = {"four_layer": 10, "vgg16_cifar": 10, "vgg16_imagenet": 1000, "resnet18": 1000}
 _TORCHVISION_BUILDERS = {"vgg16_imagenet": torchvision.models.vgg16, "resnet18": torchvision.models.resnet18}
-_TORCHVISION_WEIGHT_ENUMS = {"vgg16_imagenet": "VGG16_Weights", "resnet18": "ResNet18_Weights"}
 
 
 class FourLayerNet(nn.Module):
@@ -89,9 +98,12 @@ def _check_name(name):
 
 
 def module_name(name, layer):
-    """Module name (as in named_modules) of `layer`, given as a human name (e.g. 'conv1_2') or a module name."""
-    _check_name(name)
-    return HUMAN_NAMES[name].get(layer, layer)
+    """Module name (as in named_modules) of `layer`, given as a human name (e.g. 'conv1_2') or a module name.
+
+    Human names exist for the paper's networks; other models' layers pass through unchanged.
+    """
+    parse_source(name)
+    return HUMAN_NAMES.get(name, {}).get(layer, layer)
 
 
 def init_weights(model, fc_std=0.01):
@@ -112,7 +124,6 @@ def init_weights(model, fc_std=0.01):
 
 def _state_dict_from_file(path):
     """A state dict from a gross weights file, a plain state dict, or a dict holding one."""
-    from gross import checkpoint
     if checkpoint.is_gross_file(path):
         return checkpoint.load(path)["model"]
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -124,46 +135,188 @@ def _state_dict_from_file(path):
     return state
 
 
-def build(name, num_classes=None, weights=None, fc_std=0.01):
-    """Build network `name` (see NAMES); `weights`: a local file path or (ImageNet nets) a torchvision enum name.
+SOURCE_RULE = (f"one of the paper's networks {list(NAMES)}, 'torchvision:NAME', 'timm:NAME' or "
+               f"'python:package.module:factory'")
 
-    Without weights the appendix's initialisation is applied (see init_weights). Weights are
-    never downloaded unless a torchvision enum name is given explicitly.
-    """
-    _check_name(name)
-    default_classes = _DEFAULT_CLASSES[name]
-    num_classes = default_classes if num_classes is None else num_classes
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    if weights is not None and not isinstance(weights, (str, os.PathLike)):
+
+def parse_source(text, key="name"):
+    """(kind, name) of a model string: ('paper', NAME), ('torchvision', NAME), ('timm', NAME) or ('python', 'mod:fn')."""
+    if isinstance(text, str):
+        if text in NAMES:
+            return "paper", text
+        kind, sep, rest = text.partition(":")
+        if sep and rest and kind in ("torchvision", "timm"):
+            return kind, rest
+        if sep and kind == "python":
+            module, sep, factory = rest.rpartition(":")
+            if sep and module and factory:
+                return kind, rest
+    raise ValueError(f"{key} must be {SOURCE_RULE}, got {text!r}")
+
+
+def _torchvision_builder(kind, ident, text):
+    """The torchvision builder behind a source (the paper's resnet18 / vgg16_imagenet too), or None."""
+    if kind == "paper":
+        return _TORCHVISION_BUILDERS.get(ident)
+    if kind != "torchvision":
+        return None
+    if ident not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"model {text!r}: {ident!r} is not a torchvision classification model "
+                         f"(torchvision.models.list_models(module=torchvision.models) lists them)")
+    return torchvision.models.get_model_builder(ident)
+
+
+def check_weights(name, weights):
+    """Check a `weights` setting for model `name` without loading or downloading: the torchvision enum it names, or None (a file, or no weights)."""
+    if weights is None:
+        return None
+    if not isinstance(weights, (str, os.PathLike)):
         raise TypeError(f"weights must be a file path or a torchvision weights name, got {type(weights).__name__}")
-    is_file = weights is not None and os.path.isfile(weights)
-
-    if name in _TORCHVISION_BUILDERS and weights is not None and not is_file:
-        enum_name = str(weights)
-        if "." not in enum_name:
-            enum_name = f"{_TORCHVISION_WEIGHT_ENUMS[name]}.{enum_name}"
-        try:
-            enum = torchvision.models.get_weight(enum_name)
-        except (ValueError, KeyError, AttributeError) as err:
-            raise ValueError(f"weights {weights!r} is neither an existing file nor a torchvision weights name "
-                             f"such as '{_TORCHVISION_WEIGHT_ENUMS[name]}.IMAGENET1K_V1'") from err
-        if num_classes != default_classes:
-            raise ValueError(f"num_classes must be {default_classes} with torchvision weights {weights!r}")
-        return _TORCHVISION_BUILDERS[name](weights=enum)
-    if weights is not None and not is_file:
+    if os.path.isfile(weights):
+        return None
+    kind, ident = parse_source(name)
+    builder = _torchvision_builder(kind, ident, name)
+    if builder is None:
         raise ValueError(f"weights for {name!r} must be an existing file, got {weights!r}")
+    return _torchvision_weights(builder, weights, name)
 
-    if name == "four_layer":
-        model = FourLayerNet(num_classes)
-    elif name == "vgg16_cifar":
-        model = VGG16CIFAR(num_classes)
+
+def _torchvision_weights(name, weights, text):
+    """The torchvision weights enum that `weights` names for model `name` (e.g. 'IMAGENET1K_V1' or 'ResNet18_Weights.DEFAULT')."""
+    enum_type = torchvision.models.get_model_weights(name)
+    prefix, _, short = str(weights).rpartition(".")
+    if (prefix and prefix != enum_type.__name__) or short not in enum_type.__members__:
+        raise ValueError(f"weights {weights!r} for model {text!r} is neither an existing file nor a torchvision "
+                         f"weights name such as '{enum_type.__name__}.{next(iter(enum_type.__members__))}'")
+    return enum_type[short]
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError as err:
+        raise ValueError("model 'timm:NAME' needs the optional package timm (pip install timm), "
+                         "which is not installed") from err
+    return timm
+
+
+def _python_factory(spec, text):
+    import importlib
+
+    module_name, _, attr = spec.rpartition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"model {text!r}: module {module_name!r} cannot be imported ({err}); "
+                         f"put its folder on PYTHONPATH") from err
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"model {text!r}: module {module_name!r} has no callable {attr!r}")
+    return factory
+
+
+def _accepts(fn, keyword):
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == keyword or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def build(name, num_classes=None, weights=None, fc_std=0.01, kwargs=None):
+    """Build a network from its source string (see `parse_source`); `kwargs` go to its builder.
+
+    The paper's networks get the appendix's initialisation (see init_weights); the others their
+    own. `weights`: a local file (a gross weights file or a state dict), or for torchvision
+    models (the paper's resnet18 and vgg16_imagenet included) a weights enum name, which is the
+    only case that downloads. `num_classes` (default: the builder's) is passed to the builder;
+    a user factory that takes no `num_classes` keyword is called without it.
+    """
+    kind, ident = parse_source(name)
+    kwargs = dict(kwargs or {})
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    enum = check_weights(name, weights)
+    is_file = weights is not None and enum is None
+    classes = {} if num_classes is None else {"num_classes": num_classes}
+    builder = _torchvision_builder(kind, ident, name)
+    if enum is not None:
+        default_classes = len(enum.meta["categories"])
+        if num_classes not in (None, default_classes):
+            raise ValueError(f"num_classes must be {default_classes} with torchvision weights {weights!r}, "
+                             f"got {num_classes}")
+        return builder(weights=enum, **kwargs)
+
+    if kind == "paper":
+        if kwargs:
+            raise ValueError(f"model_kwargs must be empty for the paper's network {name!r}, got {kwargs}")
+        num_classes = _DEFAULT_CLASSES[ident] if num_classes is None else num_classes
+        if ident == "four_layer":
+            model = FourLayerNet(num_classes)
+        elif ident == "vgg16_cifar":
+            model = VGG16CIFAR(num_classes)
+        else:
+            model = builder(weights=None, num_classes=num_classes)
+        init_weights(model, fc_std)
+    elif kind == "torchvision":
+        model = builder(weights=None, **classes, **kwargs)
+    elif kind == "timm":
+        timm = _timm()
+        if not timm.is_model(ident):
+            raise ValueError(f"model {name!r}: timm has no model {ident!r} (timm.list_models() lists them)")
+        model = timm.create_model(ident, pretrained=False, **classes, **kwargs)
     else:
-        model = _TORCHVISION_BUILDERS[name](weights=None, num_classes=num_classes)
-    init_weights(model, fc_std)
+        factory = _python_factory(ident, name)
+        if not _accepts(factory, "num_classes"):
+            classes = {}
+        try:
+            model = factory(**classes, **kwargs)
+        except TypeError as err:
+            raise ValueError(f"model {name!r}: the factory refused model_kwargs {kwargs}: {err}") from err
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model {name!r}: the factory returned a {type(model).__name__}, not an nn.Module")
     if is_file:
         model.load_state_dict(_state_dict_from_file(weights))
     return model
+
+
+def check_input(model, name, input_size, num_classes):
+    """Run `model` on one fake input of `input_size`; ValueError when it cannot or its output is not num_classes wide."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    was_training = model.training
+    model.eval()
+    # The fake-tensor mode logs a failing shape check with its traceback; the error raised below says it in a line.
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+            out = model(torch.empty(1, *input_size))
+    except (RuntimeError, ValueError, IndexError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"data.input_size {list(input_size)}: model {name!r} cannot run on it "
+                         f"(too small for the network? {first})") from err
+    finally:
+        quiet.setLevel(level)
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != num_classes:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"model {name!r}: its output must be (batch, {num_classes}) for the data's "
+                         f"{num_classes} classes, got {shape} (give the factory a num_classes keyword)")
+
+
+def load(path):
+    """The model of a model file (`checkpoint.save_model`), rebuilt from its record with its weights; (model, record)."""
+    record = checkpoint.read_record(path)
+    model = build(record.model, num_classes=record.num_classes, kwargs=record.kwargs)
+    if record.spec:
+        model = convert(model, record.spec, init="random", progress=False)
+    checkpoint.load_weights(path, model)
+    if record.config:
+        set_config(model, record.config)
+    return model, record
 
 
 def _spec_entry(group_sizes, bottleneck=None):

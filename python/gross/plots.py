@@ -1,5 +1,7 @@
 """Matplotlib figures of a search: every configuration's accuracy against MACs, the Pareto front, fine-tuned picks."""
-import os
+import io
+
+from gross_kernels.files import atomic_write
 
 from gross.search import pareto_front
 
@@ -38,8 +40,7 @@ def pareto_plot(path, entries, rows, title="GroSS search"):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, buffer.getvalue())

@@ -1,7 +1,9 @@
 """Training recipes (from scratch, search-space, fine-tuning) on one resumable, DDP-aware `fit` loop."""
 import csv
 import dataclasses
+import io
 import json
+import math
 import os
 import random
 import time
@@ -11,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from gross_kernels.files import atomic_write, atomic_write_json
 
 from gross import checkpoint, distributed
 from gross.config import extreme_config, get_config, sample_config, series_layers, set_config
@@ -39,10 +43,17 @@ class Recipe:
     def __post_init__(self):
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        for key in ("lr", "gamma", "momentum", "weight_decay"):
+            value = getattr(self, key)
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or value < 0 or (key == "lr" and value == 0)):
+                raise ValueError(f"{key} must be a {'positive' if key == 'lr' else 'non-negative'} number, "
+                                 f"got {value!r}")
+        for key in ("amp", "sample", "series_only", "freeze_bn"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
         milestones = tuple(self.milestones)
-        if any(not isinstance(m, int) or m < 1 for m in milestones) or list(milestones) != sorted(set(milestones)):
+        if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones) or list(milestones) != sorted(set(milestones)):
             raise ValueError(f"milestones must be increasing positive ints, got {self.milestones!r}")
         object.__setattr__(self, "milestones", milestones)
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -77,6 +88,11 @@ def get_recipe(name, **overrides):
     if name not in RECIPES:
         raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {name!r}")
     return dataclasses.replace(RECIPES[name], **overrides)
+
+
+class NonFiniteError(FloatingPointError):
+    """Training met a NaN or infinite loss and stopped (the checkpoint on disk is the last good epoch's), or a
+    model's outputs are not finite when it is scored."""
 
 
 @dataclasses.dataclass
@@ -116,16 +132,21 @@ def accuracy(model, loader, device=None):
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    correct = total = 0
+    correct = total = broken = 0
     with torch.no_grad():
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            correct += (model(x).argmax(1) == y).sum().item()
+            out = model(x)
+            correct += (out.argmax(1) == y).sum().item()
+            broken += (~torch.isfinite(out)).any(1).sum().item()  # argmax would score them as a class
             total += y.numel()
     model.train(was_training)
-    correct, total = distributed.all_sum([correct, total], device)
+    correct, total, broken = distributed.all_sum([correct, total, broken], device)
     if total == 0:
         raise ValueError("accuracy: the loader yielded no samples")
+    if broken:
+        raise NonFiniteError(f"accuracy: the model's outputs are not finite (NaN or inf) on {int(broken)} of "
+                             f"{int(total)} samples: the network has diverged")
     return correct / total
 
 
@@ -152,15 +173,12 @@ def seed_everything(seed):
 
 
 def _write_metrics(out_dir, history):
-    with open(os.path.join(out_dir, "metrics.json.tmp"), "w") as f:
-        json.dump(history, f, indent=1)
-    os.replace(os.path.join(out_dir, "metrics.json.tmp"), os.path.join(out_dir, "metrics.json"))
-    fields = list(dict.fromkeys(k for row in history for k in row))
-    with open(os.path.join(out_dir, "metrics.csv.tmp"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fields)
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(os.path.join(out_dir, "metrics.csv.tmp"), os.path.join(out_dir, "metrics.csv"))
+    atomic_write_json(os.path.join(out_dir, "metrics.json"), history)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, list(dict.fromkeys(k for row in history for k in row)))
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(os.path.join(out_dir, "metrics.csv"), text.getvalue())
 
 
 def _tensorboard(out_dir):
@@ -184,15 +202,30 @@ def _evaluate(model, loader, device, recipe):
     return metrics
 
 
+def _stop_if_not_finite(loss, name, epoch, step, lr, ckpt_path, device):
+    """Raise NonFiniteError unless `loss` is finite on every process (all stop at the same step)."""
+    # One synchronisation per step: stopping at the first bad loss keeps NaN weights from any update.
+    if distributed.all_true(torch.isfinite(loss.detach()), device):
+        return
+    kept = (f"the last good checkpoint {ckpt_path!r} is kept" if ckpt_path and os.path.isfile(ckpt_path)
+            else "no checkpoint was written before it")
+    advice = ("the network it starts from already gives non-finite outputs on this data" if (epoch, step) == (0, 0)
+              else "lower the learning rate")
+    raise NonFiniteError(f"{name}: the loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} (lr {lr:g}): "
+                         f"training stopped; {kept}; {advice}")
+
+
 def fit(model, train_loader, val_loader, recipe, out_dir=None, device=None, resume=False, seed=0,
-        progress=True, callback=None):
+        progress=True, callback=None, name="fit"):
     """Train `model` with `recipe`; checkpoint every epoch to out_dir and, with resume=True, continue exactly.
 
     The train loader must use a DistributedSampler (gross.data.make_loaders does). Under torchrun
     the process group is joined from the env and the model wrapped in DDP. The checkpoint holds
     model, optimizer, scheduler, grad scaler, epoch, history and every RNG state (per process),
     so a resumed run reproduces the uninterrupted one. `callback(epoch, step)` runs after each
-    optimizer step. Returns FitResult(model, history).
+    optimizer step. A NaN or infinite loss stops training at once with NonFiniteError naming
+    `name` (the stage), the epoch, step and learning rate; the checkpoint of the last finished
+    epoch stays as it is. Returns FitResult(model, history).
     """
     if not isinstance(recipe, Recipe):
         raise TypeError(f"recipe must be a gross.train.Recipe, got {type(recipe).__name__}")
@@ -258,6 +291,7 @@ def fit(model, train_loader, val_loader, recipe, out_dir=None, device=None, resu
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                     out = net(x)
                     loss = F.cross_entropy(out, y)
+                _stop_if_not_finite(loss, name, epoch, step, optimizer.param_groups[0]["lr"], ckpt_path, device)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -303,8 +337,8 @@ def _save_state(path, signature, model, optimizer, scheduler, scaler, sample_gen
 
 
 def train_from_scratch(name, loaders, recipe, out_dir=None, seed=0, device=None, resume=False, progress=True,
-                       num_classes=None):
-    """Train network `name` from scratch recipe.runs times (seeds seed, seed+1, …); keep the median run.
+                       num_classes=None, model_kwargs=None):
+    """Train network `name` (a gross.models source) from scratch recipe.runs times (seeds seed, seed+1, …); keep the median run.
 
     `loaders` = (train, val, test); runs are ranked by validation accuracy. Returns
     (model of the median run, list of per-run dicts with seed, val_acc, test_acc, history).
@@ -313,9 +347,10 @@ def train_from_scratch(name, loaders, recipe, out_dir=None, seed=0, device=None,
     runs = []
     for i in range(recipe.runs):
         torch.manual_seed(seed + i)
-        model = build(name, num_classes=num_classes)
+        model = build(name, num_classes=num_classes, kwargs=model_kwargs)
         run_dir = None if out_dir is None else os.path.join(out_dir, f"run{i}")
-        result = fit(model, train_loader, val_loader, recipe, run_dir, device, resume, seed + i, progress)
+        result = fit(model, train_loader, val_loader, recipe, run_dir, device, resume, seed + i, progress,
+                     name=f"train (run {i + 1} of {recipe.runs})")
         runs.append({"run": i, "seed": seed + i, "val_acc": accuracy(model, val_loader),
                      "test_acc": accuracy(model, test_loader), "history": result.history,
                      "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}})
@@ -325,8 +360,7 @@ def train_from_scratch(name, loaders, recipe, out_dir=None, seed=0, device=None,
     for r in runs:
         del r["state"]
     if out_dir is not None and distributed.is_main():
-        with open(os.path.join(out_dir, "runs.json"), "w") as f:
-            json.dump({"median_run": chosen["run"], "runs": runs}, f, indent=1)
+        atomic_write_json(os.path.join(out_dir, "runs.json"), {"median_run": chosen["run"], "runs": runs})
     return model, runs
 
 

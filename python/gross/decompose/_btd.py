@@ -39,9 +39,8 @@ def warm_subspace(M, Q, steps=2):
     orth(M Mᵀ Q) from its current bases take the place of a full eigendecomposition of the Gram
     matrix (the dominant cost on large blocks); the fitted block's error still never rises, as
     the Ritz values of subspace iteration on a positive semi-definite matrix only increase. Two
-    steps: over 72 small random and decaying-spectrum weights, PCI's final errors came out 0.06 %
-    higher than with the exact eigendecomposition (geometric mean) with one step, 0.02 % lower
-    with two.
+    steps: measured to end as low as the exact eigendecomposition, one step slightly higher
+    (bench/RESULTS.md, "Notes").
     """
     for _ in range(steps):
         if Q.shape[-1] == 1:
@@ -114,10 +113,8 @@ def merge(blocks, factor):
 def _times_columns(E3, V):
     """E3 @ V for the few columns of V (a block's new input basis); one column is passed as two.
 
-    MKL's product of the row-major 4608 × 512 residual with one column (a matrix-vector product)
-    took 2.4-4.3 ms on this project's AMD CPU, the same product with that column given twice, as
-    the transpose of a row-major (2, C_in) matrix, 0.5-1.2 ms (1 thread, 3 processes). QR's
-    bases (two or more columns) already come in that column-major layout.
+    MKL's matrix-vector product was several times slower than the same product with the column
+    given twice in column-major layout, the layout QR's bases already have (bench/RESULTS.md, "Notes").
     """
     if V.shape[1] != 1:
         return E3 @ V
@@ -225,9 +222,8 @@ def _residual(W2, U, Z):
 def _rel_norm(E, norm_w):
     """‖E‖ / norm_w as a float: row norms in E's dtype, combined in float64.
 
-    A row is a few thousand terms (float32 rounding of the total measured 2e-10 relative on a
-    512 × 4608 residual, far below the stopping rule's 1e-5); `vector_norm(E, dtype=float64)`
-    would first copy all of E to float64: 2-3 ms against 0.3 ms at that size.
+    A row's float32 rounding is far below the stopping rule's tolerance, and `vector_norm(E,
+    dtype=float64)` would first copy all of E to float64 (bench/RESULTS.md, "Notes").
     """
     rows = torch.linalg.vector_norm(E.reshape(E.shape[0], -1), dim=1)
     return (torch.linalg.vector_norm(rows, dtype=torch.float64) / norm_w).item()
@@ -243,9 +239,8 @@ def pci(W3, blocks, tol, max_iter, sweeps=1, chunk=None, extrapolate=True, dtype
     pass the change over that pass is extrapolated (factor (it+1)^(1/3), as in ALS line search)
     and kept when it lowers the error.
     `dtype` is the working precision of the iteration (default W3's). In float32 the passes
-    over the dense residual move half the bytes, and MKL's float64 products of the residual with
-    a few columns were measured 3-10x slower than float32 on this machine's AMD CPU; the
-    incrementally updated residual is recomputed from the weight every `refresh` passes so that
+    over the dense residual move half the bytes, and MKL's float64 products with a few columns
+    were measured several times slower (bench/RESULTS.md, "Notes"); the incrementally updated residual is recomputed from the weight every `refresh` passes so that
     rounding does not accumulate, errors are summed in float64, and the final error is computed
     exactly in W3's precision from the returned (float64) factors.
     Stops when the relative error changes by at most `tol` over one pass, or after `max_iter` passes.

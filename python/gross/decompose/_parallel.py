@@ -6,6 +6,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
 
+from .weight import btd
+
 
 def _init_worker(threads):
     # Each worker gets its share of the cores; more threads per process only contend.
@@ -13,8 +15,6 @@ def _init_worker(threads):
 
 
 def _run(job):
-    from .decompose import btd
-
     return btd(**job)
 
 

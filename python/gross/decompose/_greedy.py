@@ -9,7 +9,6 @@ Weights are held as `W3[o, p, c]` and blocks as `_btd.Blocks`, like `_btd`.
 """
 import math
 
-import torch
 
 from . import _btd
 
