@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gross import search
-from pipeline_helpers import one_thread  # noqa: F401
+from pipeline_helpers import one_thread, run_torchrun  # noqa: F401
 
 SPACE = {"a": (1, 2, 4, 8), "b": (1, 2, 4), "c": (2, 4, 8, 16)}
 WEIGHT = {"a": 30, "b": 70, "c": 11}
@@ -392,20 +392,7 @@ _SEARCH_WORKER = _SEARCH_SETUP + textwrap.dedent("""
 
 @pytest.mark.usefixtures("one_thread")
 def test_search_over_two_torchrun_processes_equals_one_process(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    script = tmp_path / "worker.py"
-    script.write_text(_SEARCH_WORKER)
-    here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(here)
-    path = [here, root, os.path.join(root, "python"), os.environ.get("PYTHONPATH", "")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(path))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-                           "--nproc_per_node", "2", str(script), str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_torchrun(_SEARCH_WORKER, tmp_path, timeout=300)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     namespace = {}
     exec(_SEARCH_SETUP, namespace)
