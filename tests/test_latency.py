@@ -1,6 +1,7 @@
-"""gross.latency: a CPU profile of the 4-layer net, the prediction check on known timings, the table file, bad input."""
+"""gross.latency: a CPU profile of the 4-layer net, the prediction check on known timings, the table file, bad input, the CLI."""
 import json
 import math
+import os
 import statistics
 
 import pytest
@@ -21,7 +22,7 @@ def four_layer_table():
     torch.set_num_threads(1)
     model = series_four_layer()
     set_config(model, {"conv2": 4, "conv3": 2, "conv4": 16})
-    table = latency.profile(model, INPUT, repeats=3, warmup=1, checks=4, min_sample_ms=0.2)
+    table = latency.profile(model, INPUT, repeats=3, warmup=1, checks=4)
     torch.set_num_threads(before)
     return model, table
 
@@ -55,7 +56,7 @@ def test_cpu_profile_of_the_four_layer_net(four_layer_table):
 def test_profile_forward_backward_in_another_dtype():
     model = series_four_layer()
     table = latency.profile(model, INPUT, batch_size=2, dtype="float64", backward=True, repeats=1, warmup=0,
-                            checks=1, min_sample_ms=0)
+                            checks=1)
     assert (table.batch_size, table.dtype, table.backward) == (2, "float64", True)
     assert len(table.prediction["configs"]) == 1
     assert all(p.grad is None and p.dtype == torch.float32 for p in model.parameters())
@@ -175,7 +176,7 @@ def test_missing_or_malformed_table_is_a_clear_error(tmp_path):
     ({"repeats": 0}, "repeats must be an int >= 1"),
     ({"checks": -1}, "checks must be an int >= 0"),
     ({"dtype": "int8"}, "dtype must be one of"),
-    ({"min_sample_ms": -1}, "min_sample_ms"),
+    ({"warmup": -1}, "warmup must be an int >= 0"),
 ])
 def test_bad_profile_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -189,3 +190,72 @@ def test_profile_needs_series_layers_and_a_valid_input_size():
         latency.profile(models.build("four_layer"), INPUT)
     with pytest.raises(ValueError, match="input_size"):
         latency.profile(series_four_layer(), (32, 32))
+
+
+# --------------------------------------------------------------------------------------------
+# The CLI: `gross profile`, `gross search --latency-ms / --latency-of`
+
+def test_cli_profile_and_latency_search(tmp_path, capsys):
+    from gross import cli
+    from pipeline_helpers import tiny_demo_overrides
+
+    def run(*argv):
+        code = cli.main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    out_dir = str(tmp_path / "run")
+    common = ["--config", "demo", "--out", out_dir,
+              *tiny_demo_overrides(1, "[16]", "{conv2: {group_sizes: [4, 16, 32], bottleneck: 32}, "
+                                              "conv3: {group_sizes: [16, 32], bottleneck: 32}}")]
+    quick = ["--set", "latency.repeats=2", "--set", "latency.warmup=0", "--set", "latency.checks=2"]
+    code, out, err = run("search", *common, "--latency-ms", "5")
+    assert code == 2 and "does not exist" in err  # no trained search space yet
+    for stage in ("train", "decompose", "train-space"):
+        assert run(stage, *common)[0] == 0
+    code, out, err = run("search", *common, "--latency-of", "16")
+    assert code == 2 and "no latency table at" in err and "gross profile" in err and err.count("\n") == 1
+
+    code, out, _ = run("profile", *common, *quick)
+    path = os.path.join(out_dir, "latency.json")
+    assert code == 0 and f"latency table: {path}" in out and "| conv2 | 4: " in out
+    assert "prediction checked on 2 random configurations" in out
+    table = latency.LatencyTable.load(path)
+    assert sorted(table.per_layer["conv2"]) == [4, 16, 32]
+
+    code, out, _ = run("search", *common, "--latency-of", "16")
+    assert code == 0 and "| rank | configuration | MACs | latency (ms) | val acc |" in out
+    summary = json.load(open(os.path.join(out_dir, "search_result.json")))
+    budget = table({"conv2": 16, "conv3": 16})
+    assert summary["budget_ms"] == pytest.approx(budget) and summary["latency_table"] == path
+    within = [c for c in ({"conv2": a, "conv3": b} for a in (4, 16, 32) for b in (16, 32)) if table(c) <= budget]
+    assert len(summary["ranked"]) == len(within) and all(e["latency_ms"] <= budget for e in summary["ranked"])
+    assert os.path.getsize(os.path.join(out_dir, "search_pareto.png")) > 0
+    # Both budgets at once, given as config keys.
+    code, out, _ = run("search", *common, "--budget-config", "32", "--set", f"search.latency_ms={budget}")
+    assert code == 0 and "within budget" in out and " MACs and " in out
+
+    # Bad input: one line, exit 2, nothing written.
+    before = os.path.getmtime(os.path.join(out_dir, "search_result.json"))
+    code, _, err = run("search", *common, "--latency-ms", "1e-6")
+    assert code == 2 and "below the smallest configuration's predicted latency" in err
+    code, _, err = run("search", *common, "--latency-ms", "5", "--latency-of", "16")
+    assert code == 2 and "not both" in err
+    code, _, err = run("search", *common, "--latency-ms", "5", "--set", "latency.batch_size=8")
+    assert code == 2 and "batch_size 1 in the table, 8 here" in err
+    obj = json.load(open(path))
+    obj["device"]["name"] = "Pretend CPU 9000"
+    with open(path, "w") as f:
+        json.dump(obj, f)
+    code, _, err = run("search", *common, "--latency-ms", "5")
+    assert code == 2 and "device name 'Pretend CPU 9000' in the table" in err and err.count("\n") == 1
+    assert os.path.getmtime(os.path.join(out_dir, "search_result.json")) == before
+
+
+def test_cli_profile_help(capsys):
+    from gross import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["profile", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "--checkpoint" in out and "latency" in out

@@ -2,7 +2,6 @@
 import gc
 import hashlib
 import json
-import math
 import os
 import platform
 import statistics
@@ -213,7 +212,7 @@ def format_table(table):
 # Measuring
 
 class _Clock:
-    """Times `number` calls of a function: perf_counter on the CPU, CUDA events (read once per round) on a GPU."""
+    """Times one call of a function: perf_counter on the CPU, CUDA events (read once per round) on a GPU."""
 
     def __init__(self, device):
         self.cuda = device.type == "cuda"
@@ -223,42 +222,35 @@ class _Clock:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
-    def sample(self, run, number):
-        """A pending sample of ms per call: resolve it with `read` after the round."""
+    def sample(self, run):
+        """A pending sample in ms: resolve it with `read` after the round."""
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            for _ in range(number):
-                run()
-            end.record()
-            return start, end, number
-        begin = time.perf_counter()
-        for _ in range(number):
             run()
-        return (time.perf_counter() - begin) * 1e3 / number
+            end.record()
+            return start, end
+        begin = time.perf_counter()
+        run()
+        return (time.perf_counter() - begin) * 1e3
 
     def read(self, pending):
-        """The ms per call of each pending sample of the round just run."""
+        """The ms of each pending sample of the round just run."""
         if not self.cuda:
             return pending
         torch.cuda.synchronize(self.device)
-        return [start.elapsed_time(end) / number for start, end, number in pending]
+        return [start.elapsed_time(end) for start, end in pending]
 
 
-def _measure(items, repeats, warmup, min_sample_ms, device, progress):
+def _measure(items, repeats, warmup, device, progress):
     """{key: median ms per call} of items (key, prepare, run), over `repeats` round-robin rounds after `warmup`.
 
     Round-robin (every item once per round) spreads slow drifts of the machine over all items
-    alike; each sample repeats its call until it lasts about `min_sample_ms`.
+    alike. A sample is one call, run after all the other items: a layer finds its weights as
+    cold in the caches as it does inside the network (repeating a layer's call keeps them hot
+    and under-predicts the whole model by a fifth on a CPU).
     """
     clock = _Clock(device)
-    numbers = []
-    for _, prepare, run in items:  # first call (one-time costs), then one timed call to size the samples
-        prepare()
-        run()
-        clock.start_round()
-        once = clock.read([clock.sample(run, 1)])[0]
-        numbers.append(max(1, math.ceil(min_sample_ms / max(once, 1e-6))))
     samples = [[] for _ in items]
     enabled = gc.isenabled()
     gc.disable()  # a collection inside a sample would be charged to whichever item ran
@@ -266,9 +258,9 @@ def _measure(items, repeats, warmup, min_sample_ms, device, progress):
         for r in tqdm(range(warmup + repeats), desc="profile rounds", leave=False, disable=not progress):
             clock.start_round()
             pending = []
-            for (_, prepare, run), number in zip(items, numbers):
+            for _, prepare, run in items:
                 prepare()
-                pending.append(clock.sample(run, number))
+                pending.append(clock.sample(run))
             if r >= warmup:
                 for i, ms in enumerate(clock.read(pending)):
                     samples[i].append(ms)
@@ -324,8 +316,8 @@ def _positive_int(name, value, minimum=1):
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
-def profile(model, input_size, *, batch_size=1, dtype=torch.float32, device="cpu", backward=False, repeats=10,
-            warmup=2, checks=20, min_sample_ms=1.0, seed=0, progress=False):
+def profile(model, input_size, *, batch_size=1, dtype=torch.float32, device="cpu", backward=False, repeats=20,
+            warmup=3, checks=20, seed=0, progress=False):
     """Measure the latency table of `model`'s series layers on `device`, and check its prediction.
 
     Each SeriesConv2d is timed at each of its group sizes in its exported form (three plain
@@ -336,16 +328,14 @@ def profile(model, input_size, *, batch_size=1, dtype=torch.float32, device="cpu
     size, of the whole exported model's time less its layers' times. The additive prediction
     is then checked on `checks` other random configurations of the whole exported model; their
     errors (median and worst, in %) are stored in `table.prediction`. Every item is timed in
-    `repeats` round-robin rounds (CUDA events on a GPU) and its median kept. The model itself is
-    left as it was.
+    `repeats` round-robin rounds after `warmup` ones (CUDA events on a GPU) and its median kept.
+    The model itself is left as it was.
     """
     input_size = _check_input_size(input_size)
     _positive_int("batch_size", batch_size)
     _positive_int("repeats", repeats)
     _positive_int("warmup", warmup, 0)
     _positive_int("checks", checks, 0)
-    if not isinstance(min_sample_ms, (int, float)) or isinstance(min_sample_ms, bool) or min_sample_ms < 0:
-        raise ValueError(f"min_sample_ms must be a number >= 0, got {min_sample_ms!r}")
     dtype_name = _dtype_name(dtype)
     dtype, device = _DTYPES[dtype_name], torch.device(device)
     described = describe_device(device)
@@ -389,12 +379,12 @@ def profile(model, input_size, *, batch_size=1, dtype=torch.float32, device="cpu
     whole = _runner(plain, [example], backward)
     items += [(config_key(c), lambda c=c: place(c), whole) for c in references + checked]
     with torch.inference_mode(not backward):
-        medians = _measure(items, repeats, warmup, min_sample_ms, device, progress)
+        medians = _measure(items, repeats, warmup, device, progress)
 
     per_layer = {name: {g: medians[(name, g)] for g in sizes} for name, sizes in space.items()}
     table = LatencyTable(per_layer, 0.0, device=described, input_size=input_size, batch_size=batch_size,
                          dtype=dtype_name, backward=backward, model=model_signature(model), versions=_versions(),
-                         settings={"repeats": repeats, "warmup": warmup, "min_sample_ms": min_sample_ms, "seed": seed},
+                         settings={"repeats": repeats, "warmup": warmup, "seed": seed},
                          created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     table.rest = statistics.median(medians[config_key(c)] - table(c) for c in references)
     rows = []

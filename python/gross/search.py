@@ -53,9 +53,10 @@ def config_key(config):
     return tuple(sorted((str(k), int(v)) for k, v in config.items()))
 
 
-def rank(entries):
-    """Entries sorted by accuracy (high first), ties broken by fewer MACs then by configuration."""
-    return sorted(entries, key=lambda e: (-e.accuracy, e.macs, config_key(e.config)))
+def rank(entries, cost="macs"):
+    """Entries sorted by accuracy (high first), ties broken by lower `cost` ("macs" or "latency_ms"),
+    then by configuration."""
+    return sorted(entries, key=lambda e: (-e.accuracy, getattr(e, cost), config_key(e.config)))
 
 
 def pareto_front(entries, cost="macs"):
@@ -178,8 +179,8 @@ def evaluate(model, configs, loader, device="cpu", progress=False, share_prefixe
     names = list(previous)
     order = sorted(range(len(configs)), key=lambda j: [configs[j].get(n, previous[n]) for n in names])
     if split == "configs":  # a contiguous block keeps this process's prefixes shared
-        rank = distributed.rank()
-        order = order[rank * len(order) // world:(rank + 1) * len(order) // world]
+        me = distributed.rank()
+        order = order[me * len(order) // world:(me + 1) * len(order) // world]
     model.eval()
     model.to(device)
     correct = [0] * len(configs)
@@ -400,7 +401,9 @@ class _Budget:
     def result(self, evaluated, latency):
         """The SearchResult of `evaluated` under these budgets."""
         within = [e for e in evaluated if self.fits(e.config)]
-        return SearchResult(evaluated=evaluated, ranked=rank(within), pareto=pareto_front(within),
+        # Equally accurate configurations: the one cheaper in what the budget bounds first.
+        ranked = rank(within, "macs" if self.budget_ms is None else "latency_ms")
+        return SearchResult(evaluated=evaluated, ranked=ranked, pareto=pareto_front(within),
                             budget_macs=self.budget_macs, budget_ms=self.budget_ms,
                             pareto_latency=None if latency is None else pareto_front(within, "latency_ms"))
 
