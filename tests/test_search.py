@@ -404,3 +404,26 @@ def test_search_over_two_torchrun_processes_equals_one_process(tmp_path):
         # One process wrote the results file: a header and one line per configuration.
         lines = (tmp_path / f"{mode}.jsonl").read_text().splitlines()
         assert len(lines) == 1 + len(single["exhaustive"])
+
+
+def test_shared_prefix_survives_in_place_residual_adds():
+    import torch.nn as nn
+    from gross_kernels import SeriesConv2d
+
+    class Counting(nn.Conv2d):
+        computed = 0
+
+        def forward(self, x):
+            Counting.computed += 1
+            return super().forward(x)
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _Residual(), _Residual(), Counting(8, 8, 3, padding=1),
+                          SeriesConv2d(8, 4, 3, [1, 2, 4], bottleneck=(4, 4), stride=2, padding=1),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
+    loader = tiny_loader(model, n=20, batch=10)
+    # Only the last layer differs: everything before it, after both in-place adds, is computed once a batch.
+    configs = [{"1.conv": 4, "2.conv": 8, "4": g} for g in (1, 2, 4)]
+    Counting.computed = 0
+    shared = search.evaluate(model, configs, loader)
+    assert Counting.computed == 2
+    assert shared == search.evaluate(model, configs, loader, share_prefixes=False)
