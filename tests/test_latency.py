@@ -53,6 +53,14 @@ def test_cpu_profile_of_the_four_layer_net(four_layer_table):
     table.check(model=model, input_size=INPUT, device="cpu", batch_size=1, dtype=torch.float32, backward=False)
 
 
+def test_profile_with_the_cpu_timer():
+    table = latency.profile(series_four_layer(), INPUT, repeats=2, warmup=0, checks=2, timer="cpu")
+    assert table.settings["timer"] == "cpu" and all(ms > 0 for s in table.per_layer.values() for ms in s.values())
+    torch.set_num_threads(2)
+    with pytest.raises(ValueError, match="timer='cpu' times one CPU thread.*2 threads"):
+        latency.profile(series_four_layer(), INPUT, timer="cpu")
+
+
 def test_profile_forward_backward_in_another_dtype():
     model = series_four_layer()
     table = latency.profile(model, INPUT, batch_size=2, dtype="float64", backward=True, repeats=1, warmup=0,
@@ -177,6 +185,7 @@ def test_missing_or_malformed_table_is_a_clear_error(tmp_path):
     ({"checks": -1}, "checks must be an int >= 0"),
     ({"dtype": "int8"}, "dtype must be one of"),
     ({"warmup": -1}, "warmup must be an int >= 0"),
+    ({"timer": "tsc"}, "timer must be one of"),
 ])
 def test_bad_profile_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

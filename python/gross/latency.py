@@ -211,12 +211,18 @@ def format_table(table):
 # --------------------------------------------------------------------------------------------
 # Measuring
 
-class _Clock:
-    """Times one call of a function: perf_counter on the CPU, CUDA events (read once per round) on a GPU."""
+_TIMERS = ("wall", "cpu")
 
-    def __init__(self, device):
+
+class _Clock:
+    """Times one call of a function: CUDA events (read once per round) on a GPU; on the CPU the wall
+    clock, or with timer="cpu" the calling thread's CPU time (at one thread: the latency less the
+    time other processes took the core, for shared machines)."""
+
+    def __init__(self, device, timer):
         self.cuda = device.type == "cuda"
         self.device = device
+        self.now = time.thread_time if timer == "cpu" else time.perf_counter
 
     def start_round(self):
         if self.cuda:
@@ -230,9 +236,9 @@ class _Clock:
             run()
             end.record()
             return start, end
-        begin = time.perf_counter()
+        begin = self.now()
         run()
-        return (time.perf_counter() - begin) * 1e3
+        return (self.now() - begin) * 1e3
 
     def read(self, pending):
         """The ms of each pending sample of the round just run."""
@@ -242,7 +248,7 @@ class _Clock:
         return [start.elapsed_time(end) for start, end in pending]
 
 
-def _measure(items, repeats, warmup, device, progress):
+def _measure(items, repeats, warmup, device, timer, progress):
     """{key: median ms per call} of items (key, prepare, run), over `repeats` round-robin rounds after `warmup`.
 
     Round-robin (every item once per round) spreads slow drifts of the machine over all items
@@ -250,7 +256,7 @@ def _measure(items, repeats, warmup, device, progress):
     cold in the caches as it does inside the network (repeating a layer's call keeps them hot
     and under-predicts the whole model by a fifth on a CPU).
     """
-    clock = _Clock(device)
+    clock = _Clock(device, timer)
     samples = [[] for _ in items]
     enabled = gc.isenabled()
     gc.disable()  # a collection inside a sample would be charged to whichever item ran
@@ -317,7 +323,7 @@ def _positive_int(name, value, minimum=1):
 
 
 def profile(model, input_size, *, batch_size=1, dtype=torch.float32, device="cpu", backward=False, repeats=20,
-            warmup=3, checks=20, seed=0, progress=False):
+            warmup=3, checks=20, timer="wall", seed=0, progress=False):
     """Measure the latency table of `model`'s series layers on `device`, and check its prediction.
 
     Each SeriesConv2d is timed at each of its group sizes in its exported form (three plain
@@ -329,6 +335,8 @@ def profile(model, input_size, *, batch_size=1, dtype=torch.float32, device="cpu
     is then checked on `checks` other random configurations of the whole exported model; their
     errors (median and worst, in %) are stored in `table.prediction`. Every item is timed in
     `repeats` round-robin rounds after `warmup` ones (CUDA events on a GPU) and its median kept.
+    On the CPU `timer="cpu"` times the thread's CPU time instead of the wall clock: at one thread
+    (required) that is the latency without the time other processes took, for shared machines.
     The model itself is left as it was.
     """
     input_size = _check_input_size(input_size)
@@ -336,6 +344,11 @@ def profile(model, input_size, *, batch_size=1, dtype=torch.float32, device="cpu
     _positive_int("repeats", repeats)
     _positive_int("warmup", warmup, 0)
     _positive_int("checks", checks, 0)
+    if timer not in _TIMERS:
+        raise ValueError(f"timer must be one of {list(_TIMERS)}, got {timer!r}")
+    if timer == "cpu" and (torch.device(device).type != "cpu" or torch.get_num_threads() != 1):
+        raise ValueError("timer='cpu' times one CPU thread: it needs device='cpu' and torch.set_num_threads(1) "
+                         f"(OMP_NUM_THREADS=1); here device={str(device)!r}, {torch.get_num_threads()} threads")
     dtype_name = _dtype_name(dtype)
     dtype, device = _DTYPES[dtype_name], torch.device(device)
     described = describe_device(device)
@@ -379,12 +392,12 @@ def profile(model, input_size, *, batch_size=1, dtype=torch.float32, device="cpu
     whole = _runner(plain, [example], backward)
     items += [(config_key(c), lambda c=c: place(c), whole) for c in references + checked]
     with torch.inference_mode(not backward):
-        medians = _measure(items, repeats, warmup, device, progress)
+        medians = _measure(items, repeats, warmup, device, timer, progress)
 
     per_layer = {name: {g: medians[(name, g)] for g in sizes} for name, sizes in space.items()}
     table = LatencyTable(per_layer, 0.0, device=described, input_size=input_size, batch_size=batch_size,
                          dtype=dtype_name, backward=backward, model=model_signature(model), versions=_versions(),
-                         settings={"repeats": repeats, "warmup": warmup, "seed": seed},
+                         settings={"repeats": repeats, "warmup": warmup, "timer": timer, "seed": seed},
                          created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     table.rest = statistics.median(medians[config_key(c)] - table(c) for c in references)
     rows = []

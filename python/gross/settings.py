@@ -195,6 +195,7 @@ class LatencySettings:
     repeats: int = 20                  # round-robin rounds whose medians are kept
     warmup: int = 3                    # rounds run first and dropped
     checks: int = 20                   # random whole-model configurations checking the prediction
+    timer: str = "wall"                # wall | cpu (one CPU thread's time: for shared machines)
 
     def __post_init__(self):
         _str("table", self.table, optional=True)
@@ -205,6 +206,7 @@ class LatencySettings:
         _int("repeats", self.repeats, 1)
         _int("warmup", self.warmup, 0)
         _int("checks", self.checks, 0)
+        _choice("timer", self.timer, ("wall", "cpu"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ def profile(exp, model):
     path, device, kwargs = _setting(exp)
     s = exp.settings.latency
     table = latency.profile(model, exp.input_size, device=device, repeats=s.repeats, warmup=s.warmup,
-                            checks=s.checks, seed=exp.seed, progress=exp.progress, **kwargs)
+                            checks=s.checks, timer=s.timer, seed=exp.seed, progress=exp.progress, **kwargs)
     table.save(path)
     return table
 
