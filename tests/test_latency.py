@@ -123,6 +123,10 @@ def test_table_file_round_trip(tmp_path, four_layer_table):
     assert loaded({"conv2": 2, "conv3": 8, "conv4": 64}) == table({"conv2": 2, "conv3": 8, "conv4": 64})
     assert json.loads((tmp_path / "sub" / "latency.json").read_text())["device"]["type"] == "cpu"
     assert "prediction checked on 4 random configurations" in latency.format_table(loaded)
+    assert 0 < table.settings["cpu_share"] and "warning" not in latency.format_table(
+        _edited(tmp_path, table, lambda o: o["settings"].update(cpu_share=0.95)))
+    busy = _edited(tmp_path, table, lambda o: o["settings"].update(cpu_share=0.5))
+    assert "warning: the profile got 50 % of its threads' CPU time" in latency.format_table(busy)
 
 
 # --------------------------------------------------------------------------------------------

@@ -201,6 +201,10 @@ def format_table(table):
     for name, sizes in table.per_layer.items():
         lines.append(f"| {name} | " + ", ".join(f"{g}: {ms:.4f}" for g, ms in sizes.items()) + " |")
     lines.append(f"| rest of the network | {table.rest:.4f} |")
+    share = table.settings.get("cpu_share")
+    if share is not None and share < 0.9 and table.settings.get("timer") == "wall":
+        lines += ["", f"warning: the profile got {100 * share:.0f} % of its threads' CPU time: other load on the "
+                      f"machine inflated these wall-clock times (profile on an idle machine, or with timer 'cpu')"]
     p = table.prediction
     if p and p["configs"]:
         lines += ["", f"prediction checked on {len(p['configs'])} random configurations (whole exported model "
@@ -391,13 +395,17 @@ def profile(model, input_size, *, batch_size=1, dtype=torch.float32, device="cpu
             items.append(((name, g), lambda: None, _runner(module, inputs, backward)))
     whole = _runner(plain, [example], backward)
     items += [(config_key(c), lambda c=c: place(c), whole) for c in references + checked]
+    wall, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode(not backward):
         medians = _measure(items, repeats, warmup, device, timer, progress)
+    # The share of its threads' time the process got: well below 1, other load inflated wall-clock times.
+    share = (time.process_time() - cpu) / ((time.perf_counter() - wall) * torch.get_num_threads())
 
     per_layer = {name: {g: medians[(name, g)] for g in sizes} for name, sizes in space.items()}
     table = LatencyTable(per_layer, 0.0, device=described, input_size=input_size, batch_size=batch_size,
                          dtype=dtype_name, backward=backward, model=model_signature(model), versions=_versions(),
-                         settings={"repeats": repeats, "warmup": warmup, "timer": timer, "seed": seed},
+                         settings={"repeats": repeats, "warmup": warmup, "timer": timer, "seed": seed,
+                                   **({"cpu_share": round(share, 3)} if device.type == "cpu" else {})},
                          created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     table.rest = statistics.median(medians[config_key(c)] - table(c) for c in references)
     rows = []
