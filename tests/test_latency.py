@@ -190,6 +190,7 @@ def test_missing_or_malformed_table_is_a_clear_error(tmp_path):
     ({"dtype": "int8"}, "dtype must be one of"),
     ({"warmup": -1}, "warmup must be an int >= 0"),
     ({"timer": "tsc"}, "timer must be one of"),
+    ({"device": "meta"}, "device must be 'cpu' or 'cuda"),
 ])
 def test_bad_profile_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

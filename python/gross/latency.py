@@ -10,7 +10,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from gross.config import config_space, series_layers, set_config
+from gross.config import config_space, get_config, series_layers, set_config
 from gross.export import to_plain
 from gross.macs import _check_input_size
 from gross.search import AdditiveCost, config_key
@@ -45,7 +45,7 @@ def describe_device(device):
         return {"type": "cuda", "name": torch.cuda.get_device_name(index)}
     if device.type == "cpu":
         return {"type": "cpu", "name": _cpu_name(), "threads": torch.get_num_threads()}
-    return {"type": device.type, "name": device.type}
+    raise ValueError(f"device must be 'cpu' or 'cuda[:N]' (timed with CUDA events), got {str(device)!r}")
 
 
 def _versions():
@@ -257,8 +257,8 @@ def _measure(items, repeats, warmup, device, timer, progress):
 
     Round-robin (every item once per round) spreads slow drifts of the machine over all items
     alike. A sample is one call, run after all the other items: a layer finds its weights as
-    cold in the caches as it does inside the network (repeating a layer's call keeps them hot
-    and under-predicts the whole model by a fifth on a CPU).
+    cold in the caches as it does inside the network (repeating a layer's call kept them hot and
+    moved a third of the layers' time into the fitted rest; bench/RESULTS.md).
     """
     clock = _Clock(device, timer)
     samples = [[] for _ in items]
@@ -321,7 +321,7 @@ def _random_configs(space, count, exclude, seed):
     return out
 
 
-def _positive_int(name, value, minimum=1):
+def _check_int(name, value, minimum=1):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
@@ -344,10 +344,10 @@ def profile(model, input_size, *, batch_size=1, dtype=torch.float32, device="cpu
     The model itself is left as it was.
     """
     input_size = _check_input_size(input_size)
-    _positive_int("batch_size", batch_size)
-    _positive_int("repeats", repeats)
-    _positive_int("warmup", warmup, 0)
-    _positive_int("checks", checks, 0)
+    _check_int("batch_size", batch_size)
+    _check_int("repeats", repeats)
+    _check_int("warmup", warmup, 0)
+    _check_int("checks", checks, 0)
     if timer not in _TIMERS:
         raise ValueError(f"timer must be one of {list(_TIMERS)}, got {timer!r}")
     if timer == "cpu" and (torch.device(device).type != "cpu" or torch.get_num_threads() != 1):
@@ -359,20 +359,17 @@ def profile(model, input_size, *, batch_size=1, dtype=torch.float32, device="cpu
     space = config_space(model)
     if not space:
         raise ValueError("the model has no SeriesConv2d layers: nothing to profile")
-    layers = series_layers(model)
-    previous = {name: layer.group_size for name, layer in layers.items()}
+    previous = get_config(model)
     try:
         exported = {}
-        for name, layer in layers.items():
+        for name, layer in series_layers(model).items():
             exported[name] = {}
             for g in layer.group_sizes:
                 layer.group_size = g
                 exported[name][g] = layer.export().to(device=device, dtype=dtype).train(backward)
-        plain = to_plain(model).to(device=device, dtype=dtype).train(backward)
+        plain = to_plain(model).to(device=device, dtype=dtype).train(backward).requires_grad_(backward)
     finally:
         set_config(model, previous)
-    for p in plain.parameters():
-        p.requires_grad_(backward)
     for sizes in exported.values():
         for module in sizes.values():
             module.requires_grad_(backward)
