@@ -384,6 +384,13 @@ _SEARCH_WORKER = _SEARCH_SETUP + textwrap.dedent("""
     rank, world = distributed.init_from_env("gloo")
     assert world == 2
     out = {mode: run(mode == "batches", f"{sys.argv[1]}/{mode}.jsonl") for mode in ("batches", "configs")}
+    model = tiny_model()
+    shards = data.make_loaders(*[tiny_loader(model).dataset] * 3, 8)[1]
+    try:
+        search.evaluate(model, [{"2": 1, "4": 2}], shards, split="configs")
+        raise AssertionError("split='configs' ran on a sharded loader")
+    except ValueError as err:
+        assert "whole validation set" in str(err)
     with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
         json.dump(out, f)
     dist.destroy_process_group()
@@ -404,6 +411,12 @@ def test_search_over_two_torchrun_processes_equals_one_process(tmp_path):
         # One process wrote the results file: a header and one line per configuration.
         lines = (tmp_path / f"{mode}.jsonl").read_text().splitlines()
         assert len(lines) == 1 + len(single["exhaustive"])
+
+
+def test_bad_split_is_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="split must be 'auto', 'batches' or 'configs'"):
+        search.evaluate(model, [{"2": 1, "4": 2}], tiny_loader(model), split="rows")
 
 
 def test_shared_prefix_survives_in_place_residual_adds():

@@ -139,20 +139,22 @@ class _PrefixCache:
         return cached
 
 
-def _split(loader, split):
+def _split(loader, split, world):
     """How processes share an evaluation: 'batches' (each its shard of the loader) or 'configs'."""
-    from torch.utils.data import DistributedSampler
-
-    from gross.data import ShardSampler
+    from torch.utils.data import RandomSampler, SequentialSampler
 
     if split not in ("auto", "batches", "configs"):
         raise ValueError(f"split must be 'auto', 'batches' or 'configs', got {split!r}")
-    sharded = isinstance(getattr(loader, "sampler", None), (ShardSampler, DistributedSampler))
-    if split == "configs" and sharded:
-        raise ValueError("split='configs' needs every process to see the whole validation set, but the loader "
-                         "is split across processes: build it with make_loaders(..., distributed=False)")
+    if world == 1:
+        return "batches"
+    # Summing counts is right for any loader; splitting configurations needs every process to see
+    # every sample, which a plain DataLoader (sequential or random sampler) guarantees.
+    whole = isinstance(getattr(loader, "sampler", None), (SequentialSampler, RandomSampler))
+    if split == "configs" and not whole:
+        raise ValueError("split='configs' needs every process to see the whole validation set: give a plain "
+                         "DataLoader (e.g. make_loaders(..., distributed=False)), or split='batches'")
     if split == "auto":
-        return "batches" if sharded else "configs"
+        return "configs" if whole else "batches"
     return split
 
 
@@ -166,13 +168,13 @@ def evaluate(model, configs, loader, device="cpu", progress=False, share_prefixe
     Under torchrun the processes share the work and all return the same accuracies, those of one
     process: with `split="batches"` each runs every configuration on its shard of the loader and
     the correct counts are summed; with "configs" each runs its block of the configurations on
-    the whole loader. "auto": "batches" when the loader is split across processes, else "configs".
+    the whole loader (a plain DataLoader). "auto": "configs" for a plain DataLoader, else "batches".
     """
     configs = [dict(c) for c in configs]
     if not configs:
         return []
     world = distributed.world_size()
-    split = _split(loader, split) if world > 1 else "batches"
+    split = _split(loader, split, world)
     was_training = model.training
     previous = {name: layer.group_size for name, layer in series_layers(model).items()}
     # Lexicographic order in module order keeps configurations with a common prefix adjacent.
