@@ -1,5 +1,8 @@
-"""Shared fixtures for the pipeline tests: a converted 4-layer net and small slices of the embedded data."""
+"""Shared fixtures for the pipeline tests: a converted 4-layer net, small slices of the embedded data, torchrun."""
 import functools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -68,3 +71,18 @@ def tiny_image_folder(root, classes=3, train=8, val=4, size=32):
                 image = Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).convert("RGB")
                 image.resize((size, size)).save(folder / f"{i}.png")
     return root
+
+
+def run_torchrun(script, folder, *args, timeout=400):
+    """Run the Python source `script` under torchrun with 2 CPU processes (one thread each), this
+    tree first on their path, as `worker.py FOLDER ARGS…` in `folder`; fails the test on an error."""
+    path = folder / "worker.py"
+    path.write_text(script)
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    python_path = [here, root, os.path.join(root, "python"), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(python_path))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                           "--nproc_per_node", "2", str(path), str(folder), *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]

@@ -1,15 +1,12 @@
 """DDP: `torchrun` with 2 CPU processes (gloo) trains exactly like one process on the doubled batch."""
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from gross import data, train
-from pipeline_helpers import one_thread, series_four_layer, small_embedded  # noqa: F401
+from pipeline_helpers import one_thread, run_torchrun, series_four_layer, small_embedded  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MODES = ("plain", "search")
@@ -56,16 +53,7 @@ _WORKER = _SETUP + textwrap.dedent("""
 def ddp_runs(tmp_path_factory):
     """One torchrun launch (2 processes) training every mode; returns the output folder."""
     tmp = tmp_path_factory.mktemp("ddp")
-    script = tmp / "worker.py"
-    script.write_text(_WORKER)
-    here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(here)
-    path = [here, root, os.path.join(root, "python"), os.environ.get("PYTHONPATH", "")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(path))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-                           "--nproc_per_node", "2", str(script), str(tmp), *MODES],
-                          env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_torchrun(_WORKER, tmp, *MODES)
     return tmp
 
 

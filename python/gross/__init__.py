@@ -11,7 +11,7 @@ _EXPORTS = {
     "count_macs": "gross.macs",
 }
 _SUBMODULES = {"models", "data", "decompose", "config", "macs", "checkpoint", "train", "search",
-               "export", "cli", "settings", "spec", "experiment", "stages", "report", "reproduce"}
+               "latency", "export", "cli", "settings", "spec", "experiment", "stages", "report", "reproduce"}
 
 __all__ = sorted(set(_EXPORTS) | _SUBMODULES)
 

@@ -75,13 +75,28 @@ def cmd_train_space(args):
     print(f"trained search space: {exp.path('series.pt')}")
 
 
+def cmd_profile(args):
+    from gross import latency
+    from gross.stages.profile import profile
+
+    exp = _experiment(args)
+    # Latency depends on the architecture, not on the weights: without a checkpoint random factors do.
+    model = _model_from(exp, args.checkpoint, "series.pt") if args.checkpoint else exp.skeleton()
+    table = profile(exp, model)
+    print(latency.format_table(table))
+    print(f"latency table: {table.path}")
+
+
 def cmd_search(args):
     from gross_kernels.files import atomic_write_json
 
-    from gross import search
+    from gross import distributed, search
     from gross.config import config_string
+    from gross.plots import pareto_plot
+    from gross.stages.profile import latency_budget
     from gross.stages.search import search as run_search
 
+    distributed.init_from_env()  # under torchrun: before the loaders, so that each process gets its shard
     exp = _experiment(args)
     model = _model_from(exp, args.checkpoint, "series.pt")
     budget = args.budget
@@ -90,17 +105,39 @@ def cmd_search(args):
             raise ValueError("give either --budget or --budget-config, not both")
         _, config = exp.named_config(model, _yaml_arg(args.budget_config, "--budget-config"))
         budget = search.MacsTable(model, exp.input_size)(config)
-    result = run_search(exp, model, budget)
-    print(f"{len(result.ranked)} configurations within budget {budget if budget is None else f'{budget:,}'} MACs; "
+    s = exp.settings.search
+    if args.latency_ms is not None or args.latency_of is not None:  # the command line replaces the config's
+        if args.latency_ms is not None and args.latency_of is not None:
+            raise ValueError("give either --latency-ms or --latency-of, not both")
+        latency_of = None if args.latency_of is None else _yaml_arg(args.latency_of, "--latency-of")
+        table, budget_ms = latency_budget(exp, model, args.latency_ms, latency_of)
+    else:
+        table, budget_ms = latency_budget(exp, model, s.latency_ms, s.latency_of)
+    result = run_search(exp, model, budget, latency=table, budget_ms=budget_ms)
+    if not distributed.is_main():
+        return
+    budgets = ([] if budget is None else [f"{budget:,} MACs"]) + ([] if budget_ms is None else [f"{budget_ms:.4g} ms"])
+    print(f"{len(result.ranked)} configurations within budget {' and '.join(budgets) or None}; "
           f"layers {', '.join(search.config_space(model))}")
-    print("| rank | configuration | MACs | val acc |\n|---:|---|---:|---:|")
+    timed = table is not None
+    print("| rank | configuration | MACs |" + (" latency (ms) |" if timed else "") + " val acc |")
+    print("|---:|---|---:|" + ("---:|" if timed else "") + "---:|")
     for i, e in enumerate(result.ranked[:args.top]):
-        print(f"| {i + 1} | {config_string(e.config)} | {e.macs:,} | {100 * e.accuracy:.2f} % |")
-    print("Pareto front: " + ", ".join(f"{config_string(e.config)} ({e.macs:,}, {100 * e.accuracy:.2f} %)"
-                                       for e in result.pareto))
-    atomic_write_json(exp.path("search_result.json"), {"budget_macs": budget,
+        cells = [str(i + 1), config_string(e.config), f"{e.macs:,}", *([f"{e.latency_ms:.4f}"] if timed else []),
+                 f"{100 * e.accuracy:.2f} %"]
+        print("| " + " | ".join(cells) + " |")
+    for label, front in (("Pareto front", result.pareto), ("Pareto front by latency", result.pareto_latency)):
+        if front:
+            print(f"{label}: " + ", ".join(f"{config_string(e.config)} ({e.macs:,}, "
+                                           + (f"{e.latency_ms:.4f} ms, " if timed else "")
+                                           + f"{100 * e.accuracy:.2f} %)" for e in front))
+    atomic_write_json(exp.path("search_result.json"), {"budget_macs": budget, "budget_ms": budget_ms,
+                                                       "latency_table": table and table.path,
                                                        "ranked": [e.to_json() for e in result.ranked],
-                                                       "pareto": [e.to_json() for e in result.pareto]})
+                                                       "pareto": [e.to_json() for e in result.pareto],
+                                                       "pareto_latency": [e.to_json()
+                                                                          for e in result.pareto_latency or []]})
+    print(f"Pareto plot: {pareto_plot(exp.path('search_pareto.png'), result.evaluated, [], f'GroSS search: {exp.name}')}")
 
 
 def cmd_finetune(args):
@@ -195,7 +232,8 @@ _COMMANDS = {
     "train": (cmd_train, "train the network from scratch (the config's `train` recipe), or load `weights`"),
     "decompose": (cmd_decompose, "decompose the trained network into group-size series (needs `gross train`)"),
     "train-space": (cmd_train_space, "train the search space: a random configuration per step"),
-    "search": (cmd_search, "rank configurations of the trained search space under a MACs budget"),
+    "profile": (cmd_profile, "measure each series layer's latency at each group size on this device (latency.json)"),
+    "search": (cmd_search, "rank configurations of the trained search space under a MACs and/or latency budget"),
     "finetune": (cmd_finetune, "decompose at one configuration alone and fine-tune it"),
     "evaluate": (cmd_evaluate, "validation and test accuracy (and MACs) of a model file"),
     "export": (cmd_export, "export one configuration as plain PyTorch (.pt), torch.export (.pt2) or ONNX"),
@@ -223,14 +261,20 @@ def build_parser():
         p.add_argument("--data-root", help="dataset folder (overrides data.root)")
         p.add_argument("--out", help="output folder (overrides out)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
-        if name in ("search", "evaluate", "export"):
-            p.add_argument("--checkpoint", help="model file (default: the stage's file under --out)")
+        if name in ("search", "evaluate", "export", "profile"):
+            p.add_argument("--checkpoint", help="model file (default: the stage's file under --out"
+                                                + ("; profile: the architecture with random factors)" if name == "profile"
+                                                   else ")"))
         if name in ("finetune", "evaluate", "export"):
             p.add_argument("--group-config", help="N (every layer at N), original, largest, smallest, "
                                                   "or a YAML mapping layer: group size (inline or a file)")
         if name == "search":
             p.add_argument("--budget", type=float, help="MACs budget")
             p.add_argument("--budget-config", help="budget = the MACs of this configuration (e.g. 4)")
+            p.add_argument("--latency-ms", type=float, help="latency budget in ms, predicted by the `gross profile` "
+                                                            "table (config: search.latency_ms)")
+            p.add_argument("--latency-of", help="latency budget = the predicted latency of this configuration, "
+                                                "e.g. 4 (config: search.latency_of)")
             p.add_argument("--top", type=int, default=10, help="rows of the ranking to print")
         if name == "finetune":
             p.add_argument("--runs", type=int, default=1, help="fine-tuning runs (seeds seed, seed+1, …)")

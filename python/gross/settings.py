@@ -169,11 +169,44 @@ class SearchSettings:
     strategy: str = "exhaustive"       # exhaustive | bfs
     beam: int = 8                      # bfs: configurations kept per level
     configs_per_pass: int = 16         # configurations sharing each pass over the search split
+    latency_ms: float = None           # latency budget in ms, predicted by the `gross profile` table
+    latency_of: object = None          # … or the predicted latency of this configuration (N, 'original', a mapping)
 
     def __post_init__(self):
         _choice("strategy", self.strategy, ("exhaustive", "bfs"))
         _int("beam", self.beam, 1)
         _int("configs_per_pass", self.configs_per_pass, 1)
+        if self.latency_ms is not None:
+            _number("latency_ms", self.latency_ms)
+        if self.latency_ms is not None and self.latency_of is not None:
+            raise ValueError("give either latency_ms (a budget in ms) or latency_of (a configuration whose "
+                             "latency is the budget), not both")
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencySettings:
+    """The `latency` section: how `gross profile` measures the latency table and where it goes (gross.latency)."""
+
+    table: str = None                  # the table's file; null: latency.json in the output folder
+    device: str = None                 # the device to time; null: the experiment's
+    batch_size: int = 1
+    dtype: str = "float32"             # float32 | float64 | float16 | bfloat16
+    backward: bool = False             # time forward + backward (training) instead of inference
+    repeats: int = 20                  # round-robin rounds whose medians are kept
+    warmup: int = 3                    # rounds run first and dropped
+    checks: int = 20                   # random whole-model configurations checking the prediction
+    timer: str = "wall"                # wall | cpu (one CPU thread's time: for shared machines)
+
+    def __post_init__(self):
+        _str("table", self.table, optional=True)
+        _str("device", self.device, optional=True)
+        _int("batch_size", self.batch_size, 1)
+        _choice("dtype", self.dtype, ("float32", "float64", "float16", "bfloat16"))
+        _bool("backward", self.backward)
+        _int("repeats", self.repeats, 1)
+        _int("warmup", self.warmup, 0)
+        _int("checks", self.checks, 0)
+        _choice("timer", self.timer, ("wall", "cpu"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +239,7 @@ class ExperimentSettings:
     data: DataSettings = dataclasses.field(default_factory=DataSettings)
     decompose: DecomposeSettings = dataclasses.field(default_factory=DecomposeSettings)
     search: SearchSettings = dataclasses.field(default_factory=SearchSettings)
+    latency: LatencySettings = dataclasses.field(default_factory=LatencySettings)
     reproduce: ReproduceSettings = dataclasses.field(default_factory=ReproduceSettings)
 
     def __post_init__(self):

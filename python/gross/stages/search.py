@@ -1,13 +1,14 @@
-"""Stage `search`: rank the trained search space's configurations on the search split under MACs budgets."""
+"""Stage `search`: rank the trained search space's configurations on the search split under MACs (and latency) budgets."""
 from gross import search as strategies
 
 
-def search(exp, model, budget_macs=None):
-    """Search `model`'s configurations under `budget_macs` with the configured strategy (results resumable)."""
+def search(exp, model, budget_macs=None, latency=None, budget_ms=None):
+    """Search `model`'s configurations under `budget_macs` (and `budget_ms`, predicted by the latency table
+    `latency`) with the configured strategy (results resumable)."""
     exp.snapshot()
     s = exp.settings.search
     common = dict(device=exp.device, results=exp.path("search.jsonl"), configs_per_pass=s.configs_per_pass,
-                  progress=exp.progress)
+                  progress=exp.progress, latency=latency, budget_ms=budget_ms)
     search_loader = exp.eval_loaders()[0]
     if s.strategy == "exhaustive":
         return strategies.exhaustive(model, search_loader, exp.input_size, budget_macs, **common)
