@@ -116,6 +116,8 @@ def test_every_subcommand_on_a_tiny_run(tmp_path, capsys):
     assert code == 0
     scores = json.loads(out.strip().splitlines()[-1])
     assert 0 <= scores["test_acc"] <= 1 and scores["macs"] > 0
+    code, out, _ = run(capsys, "evaluate", *common, "--group-config", "16", "--verbose")
+    assert code == 0 and "| signature | winner |" in out and "G=16" in out and "inference" in out
 
     code, out, _ = run(capsys, "export", *common, "--group-config", "16", "--format", "pt,program")
     assert code == 0

@@ -261,6 +261,8 @@ def build_parser():
         p.add_argument("--data-root", help="dataset folder (overrides data.root)")
         p.add_argument("--out", help="output folder (overrides out)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--verbose", action="store_true",
+                       help="at the end, print what the kernels' `auto` ran per layer call signature and why")
         if name in ("search", "evaluate", "export", "profile"):
             p.add_argument("--checkpoint", help="model file (default: the stage's file under --out"
                                                 + ("; profile: the architecture with random factors)" if name == "profile"
@@ -293,6 +295,10 @@ def main(argv=None):
         args.out = "gross-demo"
     try:
         args.fn(args)
+        if args.verbose:
+            import gross_kernels
+
+            gross_kernels.dispatch_report()
     except KeyboardInterrupt:
         print("gross: interrupted (rerun the same command to resume)", file=sys.stderr)
         return 130
