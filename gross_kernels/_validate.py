@@ -33,7 +33,8 @@ def pair(name: str, value, minimum: int) -> tuple:
 
 def check_series(group_sizes, S: int, T: int, name: str = "group_sizes") -> tuple:
     """Validate a nested group-size series for bottleneck widths (S, T); returns it as a tuple."""
-    if type(group_sizes) is tuple and all(type(g) is int for g in group_sizes):
+    if (type(group_sizes) is tuple and all(type(g) is int for g in group_sizes)
+            and not torch.compiler.is_compiling()):  # Dynamo traces through caches anyway
         return _checked_series(group_sizes, S, T, name)
     return _check_series(group_sizes, S, T, name)
 

@@ -14,6 +14,7 @@ from gross.config import config_space, get_config, series_layers, set_config
 from gross.export import to_plain
 from gross.macs import _check_input_size
 from gross.search import AdditiveCost, config_key
+from gross_kernels.backends import device_name
 from gross_kernels.files import atomic_write_json
 
 FORMAT = "gross-latency-table/1"
@@ -24,17 +25,6 @@ _MODES = {False: "inference", True: "forward+backward"}
 # --------------------------------------------------------------------------------------------
 # What a table was measured on: device, model, setting
 
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def describe_device(device):
     """What identifies `device` for latency: its type and name, and for the CPU the threads torch uses."""
     device = torch.device(device)
@@ -44,7 +34,7 @@ def describe_device(device):
         index = device.index if device.index is not None else torch.cuda.current_device()
         return {"type": "cuda", "name": torch.cuda.get_device_name(index)}
     if device.type == "cpu":
-        return {"type": "cpu", "name": _cpu_name(), "threads": torch.get_num_threads()}
+        return {"type": "cpu", "name": device_name(device), "threads": torch.get_num_threads()}
     raise ValueError(f"device must be 'cpu' or 'cuda[:N]' (timed with CUDA events), got {str(device)!r}")
 
 
