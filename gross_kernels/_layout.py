@@ -5,6 +5,13 @@ from torch import Tensor
 from . import _extension
 
 
+def format_of(x: Tensor) -> torch.memory_format:
+    """x's memory format as the ops keep it for their outputs: channels-last or contiguous."""
+    return torch.channels_last if (
+        x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    ) else torch.contiguous_format
+
+
 def to_memory_format(t: Tensor, memory_format: torch.memory_format) -> Tensor:
     """t in `memory_format` (t itself when it already is); dense NCHW <-> channels-last on the CPU
     goes through `gross::relayout`, several times faster than ATen's strided copy on small images."""

@@ -18,14 +18,8 @@ from .backends.base import NO_GRAD, Needs
 from .geometry import SeriesGeom
 
 
-def _memory_format(x: Tensor):
-    return torch.channels_last if (
-        x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    ) else torch.contiguous_format
-
-
 def _new_output(x: Tensor, shape) -> Tensor:
-    return x.new_empty(shape).contiguous(memory_format=_memory_format(x))
+    return x.new_empty(shape).contiguous(memory_format=_layout.format_of(x))
 
 
 # The ops are registered through torch.library.Library (schema inferred from the implementation's
@@ -73,8 +67,8 @@ def _series_impl(x: Tensor, cores: Sequence[Tensor], group_sizes: Sequence[int],
                  stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                  backend: str, needs: Sequence[bool]) -> Tensor:
     geom, cores = _geom(group_sizes, group_size, stride, padding, dilation), list(cores)
-    kernels = backends.choose(backend, "series", x, cores, geom, _series_needs(needs))
-    return _layout.to_memory_format(kernels.series_forward(x, cores, geom), _memory_format(x))
+    return backends.choose(backend, "series", x, cores, geom, _series_needs(needs)).series_call(
+        x, cores, geom)
 
 
 def _series_fake(x, cores, group_sizes, group_size, stride, padding, dilation, backend, needs):
@@ -90,9 +84,8 @@ def _series_backward_impl(grad: Tensor, x: Tensor, cores: Sequence[Tensor],
     geom, cores = _geom(group_sizes, group_size, stride, padding, dilation), list(cores)
     wants = _series_needs(needs)
     kernels = backends.choose(backend, "series", x, cores, geom, wants)
-    grad = _layout.to_memory_format(grad, _memory_format(x))
-    gx, active = kernels.series_backward(grad, x, cores, geom, wants.x, wants.cores)
-    out = [x.new_empty(0) if gx is None else _layout.to_memory_format(gx, _memory_format(x))]
+    gx, active = kernels.series_backward_call(grad, x, cores, geom, wants.x, wants.cores)
+    out = [x.new_empty(0) if gx is None else gx]
     return out + (_per_term(active, cores) if wants.cores else [c.new_empty(0) for c in cores])
 
 
@@ -151,13 +144,8 @@ def _bottleneck_impl(x: Tensor, firsts: Sequence[Tensor], cores: Sequence[Tensor
     wants = Needs(*needs) if needs else NO_GRAD
     kernels = backends.layer_op_choice(backend, x)
     A, C = sum_active(firsts, geom.num_active), sum_active(lasts, geom.num_active)
-    fmt = _memory_format(x)
-    if wants.any and kernels.keeps_activations(x, A, cores, C, geom):
-        y, u, z = kernels.bottleneck_forward_saving(x, A, cores, C, bias, geom)
-        layout = kernels.activation_layout(x, geom) or fmt
-        return [_layout.to_memory_format(y, fmt), _layout.to_memory_format(u, layout),
-                _layout.to_memory_format(z, layout)]
-    return [_layout.to_memory_format(kernels.bottleneck_forward(x, A, cores, C, bias, geom), fmt)]
+    y, activations = kernels.layer_call(x, A, cores, C, bias, geom, wants.any)
+    return [y, *activations]
 
 
 def _bottleneck_fake(x, firsts, cores, lasts, bias, group_sizes, group_size, stride, padding,
@@ -172,7 +160,7 @@ def _bottleneck_fake(x, firsts, cores, lasts, bias, group_sizes, group_size, str
     kernels = backends.layer_op_choice(backend, x)
     if not kernels.keeps_activations(x, firsts[0], cores, lasts[0], geom):
         return [y]
-    layout = kernels.activation_layout(x, geom) or _memory_format(x)
+    layout = kernels.activation_layout(x, geom) or _layout.format_of(x)
     u = x.new_empty(x.shape[0], firsts[0].shape[0], *x.shape[2:]).contiguous(memory_format=layout)
     z = x.new_empty(x.shape[0], cores[0].shape[0], *out_hw).contiguous(memory_format=layout)
     return [y, u, z]
@@ -191,9 +179,8 @@ def _bottleneck_backward_impl(grad: Tensor, x: Tensor, firsts: Sequence[Tensor],
     wants, n = Needs(*needs), geom.num_active
     kernels = backends.layer_op_choice(backend, x)
     A, C = sum_active(firsts, n), sum_active(lasts, n)
-    grad = _layout.to_memory_format(grad, _memory_format(x))
-    gx, gA, gcores, gC, gbias = kernels.bottleneck_backward(
-        grad, x, A, cores, C, bias, geom, wants, tuple(activations) if activations else None)
+    gx, gA, gcores, gC, gbias = kernels.layer_backward_call(grad, x, A, cores, C, bias, geom,
+                                                            wants, activations)
 
     def shared(g, params):  # the summed factor's gradient, handed to every active term
         if g is None:
@@ -201,7 +188,7 @@ def _bottleneck_backward_impl(grad: Tensor, x: Tensor, firsts: Sequence[Tensor],
         g = g.contiguous()
         return _per_term([g] + [g.clone() for _ in range(n - 1)], params)
 
-    gx = x.new_empty(0) if gx is None else _layout.to_memory_format(gx, _memory_format(x))
+    gx = x.new_empty(0) if gx is None else gx
     return ([gx] + shared(gA, firsts)
             + (_per_term(gcores, cores) if gcores is not None else [c.new_empty(0) for c in cores])
             + shared(gC, lasts) + [x.new_empty(0) if gbias is None else gbias.contiguous()])

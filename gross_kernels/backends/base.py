@@ -14,6 +14,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from .. import _layout
+
 
 class Needs(NamedTuple):
     """Which gradients a backward computes: x, the summed first 1×1 A, the cores, the summed last 1×1 C, bias."""
@@ -35,14 +37,14 @@ _UNIT = ((1, 1), (0, 0), (1, 1), 1)  # stride, padding, dilation, groups of a 1�
 
 
 def conv_backward(grad_out, x, weight, stride, padding, dilation, groups, need_x=True,
-                  need_weight=True):
-    """(grad_x, grad_weight) of a bias-free convolution from one ATen backward; None where not needed."""
-    if not (need_x or need_weight):
-        return None, None
-    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad_out, x, weight, None, list(stride), list(padding), list(dilation), False, [0, 0],
-        groups, [need_x, need_weight, False])
-    return grad_x, grad_weight
+                  need_weight=True, need_bias=False):
+    """(grad_x, grad_weight, grad_bias) of a convolution from one ATen backward (the bias
+    gradient fused into it, cheaper than a separate reduction); None where not needed."""
+    if not (need_x or need_weight or need_bias):
+        return None, None, None
+    return torch.ops.aten.convolution_backward(
+        grad_out, x, weight, [weight.shape[0]] if need_bias else None, list(stride), list(padding),
+        list(dilation), False, [0, 0], groups, [need_x, need_weight, need_bias])
 
 
 def pointwise(x, weight, bias=None):
@@ -106,6 +108,37 @@ class Backend(abc.ABC):
         `activations` = (u, z) kept by `bottleneck_forward_saving`, or None (recompute them).
         """
 
+    # --- the calls as the ops make them (and `auto` times them): outputs, and x's gradient, in
+    # x's memory format; the kept activations in the backend's layout.
+    def series_call(self, x, cores, geom):
+        """The series op's forward."""
+        return _layout.to_memory_format(self.series_forward(x, cores, geom), _layout.format_of(x))
+
+    def series_backward_call(self, grad_z, x, cores, geom, need_x, need_cores):
+        """The series op's backward: (grad_x or None, [active grads] or None)."""
+        fmt = _layout.format_of(x)
+        grad_x, grad_cores = self.series_backward(_layout.to_memory_format(grad_z, fmt), x, cores,
+                                                  geom, need_x, need_cores)
+        return (None if grad_x is None else _layout.to_memory_format(grad_x, fmt)), grad_cores
+
+    def layer_call(self, x, A, cores, C, bias, geom, training):
+        """The layer op's forward: (y, [u, z] when a training forward keeps them, else [])."""
+        fmt = _layout.format_of(x)
+        if training and self.keeps_activations(x, A, cores, C, geom):
+            y, u, z = self.bottleneck_forward_saving(x, A, cores, C, bias, geom)
+            layout = self.activation_layout(x, geom) or fmt
+            return (_layout.to_memory_format(y, fmt),
+                    [_layout.to_memory_format(u, layout), _layout.to_memory_format(z, layout)])
+        return _layout.to_memory_format(self.bottleneck_forward(x, A, cores, C, bias, geom), fmt), []
+
+    def layer_backward_call(self, grad_y, x, A, cores, C, bias, geom, needs, activations):
+        """The layer op's backward (`activations`: what `layer_call` kept)."""
+        fmt = _layout.format_of(x)
+        grad_x, *rest = self.bottleneck_backward(_layout.to_memory_format(grad_y, fmt), x, A,
+                                                 cores, C, bias, geom, needs,
+                                                 tuple(activations) if activations else None)
+        return ((None if grad_x is None else _layout.to_memory_format(grad_x, fmt)), *rest)
+
     def __repr__(self):
         return f"<gross_kernels backend {self.name!r}>"
 
@@ -134,13 +167,14 @@ class Composed(Backend):
         # Each stage runs only for what a needed gradient depends on (no grad_x for a frozen x).
         need_u = needs.x or needs.A
         need_z = need_u or needs.cores
-        grad_bias = grad_y.sum(dim=(0, 2, 3)) if needs.bias and bias is not None else None
-        grad_z, grad_C = conv_backward(grad_y, z, C, *_UNIT, need_x=need_z, need_weight=needs.C)
+        grad_z, grad_C, grad_bias = conv_backward(grad_y, z, C, *_UNIT, need_x=need_z,
+                                                  need_weight=needs.C,
+                                                  need_bias=needs.bias and bias is not None)
         grad_u = grad_cores = grad_x = grad_A = None
         if need_z:
             grad_u, grad_cores = self.series_backward(grad_z, u, cores, geom, need_x=need_u,
                                                       need_cores=needs.cores)
         if need_u:
-            grad_x, grad_A = conv_backward(grad_u, x, A, *_UNIT, need_x=needs.x,
-                                           need_weight=needs.A)
+            grad_x, grad_A, _ = conv_backward(grad_u, x, A, *_UNIT, need_x=needs.x,
+                                              need_weight=needs.A)
         return grad_x, grad_A, grad_cores, grad_C, grad_bias

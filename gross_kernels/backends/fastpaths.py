@@ -91,8 +91,10 @@ class Folded(Backend):
         core = effective_core(cores, geom.group_sizes, geom.group_size, S)
         A2, C2 = A.flatten(1), C.flatten(1)
         need_weights = needs.A or needs.cores or needs.C
-        grad_x, grad_W = conv_backward(grad_y, x, fold(A, core, C), *geom.conv, 1,
-                                       need_x=needs.x, need_weight=need_weights)
+        need_bias = needs.bias and bias is not None
+        grad_x, grad_W, grad_bias = conv_backward(grad_y, x, fold(A, core, C), *geom.conv, 1,
+                                                  need_x=needs.x, need_weight=need_weights,
+                                                  need_bias=need_bias)
         grad_A = grad_C = grad_cores = None
         # W[o,c] = Σ_{t,s} C[o,t] core[t,s] A[s,c] per kernel tap, so each factor's gradient is
         # grad_W contracted with the other two (two-operand steps fix the cheap order).
@@ -106,7 +108,6 @@ class Folded(Backend):
         if needs.C:
             grad_C = torch.einsum("ockl,tckl->ot", grad_W,
                                   torch.einsum("tskl,sc->tckl", core, A2)).view_as(C)
-        grad_bias = grad_y.sum(dim=(0, 2, 3)) if needs.bias and bias is not None else None
         return grad_x, grad_A, grad_cores, grad_C, grad_bias
 
 

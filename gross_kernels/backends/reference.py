@@ -29,8 +29,8 @@ class Reference(Composed):
     def series_backward(self, grad_z, x, cores, geom, need_x=True, need_cores=True):
         S = x.shape[1]
         weight = effective_core(cores, geom.group_sizes, geom.group_size, S)
-        grad_x, grad_weight = conv_backward(grad_z, x, weight, *geom.conv, geom.groups(S),
-                                            need_x=need_x, need_weight=need_cores)
+        grad_x, grad_weight, _ = conv_backward(grad_z, x, weight, *geom.conv, geom.groups(S),
+                                               need_x=need_x, need_weight=need_cores)
         if grad_weight is None:
             return grad_x, None
         return grad_x, [gather_core(grad_weight, S, g, geom.group_size) for g in geom.active_sizes]
