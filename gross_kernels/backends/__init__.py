@@ -8,9 +8,10 @@ the fastest is kept, in memory and in a JSON cache on disk (`_cache`). `referenc
 candidate, so `auto` is never wrong and never slower than PyTorch's own convolutions.
 
 It does not measure, and follows `fastpaths.static_choice` (PyTorch's own convolutions only),
-when GROSS_KERNELS_AUTOTUNE=0 or `set_autotune(False)`, under torchrun (so that every rank runs
-the same backend without any collective), and while torch.compile traces a call whose decision is
-not known yet (the decision made then stands for the process, so the compiled call agrees).
+when GROSS_KERNELS_AUTOTUNE=0 or `set_autotune(False)`, and under torchrun (so that every rank
+runs the same backend without any collective). The public functions resolve `auto` to a concrete
+name before they call the layer op (`resolve`); under torch.compile that name is chosen while
+tracing (`traced_choice`) and is a constant of the compiled graph.
 """
 from __future__ import annotations
 
