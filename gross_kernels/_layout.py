@@ -35,3 +35,13 @@ if _extension.has_relayout():
     def _relayout_fake(x, channels_last):
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         return torch.empty_like(x, memory_format=fmt)
+
+    # Differentiable: the gradient goes back to the input's layout (the opposite transpose).
+    def _relayout_backward(ctx, grad):
+        return to_memory_format(grad, ctx.input_format), None
+
+    def _relayout_setup(ctx, inputs, output):
+        ctx.input_format = torch.contiguous_format if inputs[1] else torch.channels_last
+
+    torch.library.register_autograd("gross::relayout", _relayout_backward,
+                                    setup_context=_relayout_setup)

@@ -1,4 +1,4 @@
-"""The series algebra: a term's core re-expressed at a larger group size, its adjoint, the summed core.
+"""The series algebra: a term's core re-expressed at a larger group size, and the summed core.
 
 Used by every backend that builds the summed weight, by `SeriesConv2d.export` and by the
 decomposition (`gross.decompose`).
@@ -35,15 +35,6 @@ def expand_core(core: torch.Tensor, S: int, g: int, G: int) -> torch.Tensor:
     expanded = core.new_zeros(T, G, kh, kw)
     _diagonal_blocks(expanded, S, g, G).copy_(_as_diagonal(core, S, g, G))
     return expanded
-
-
-def gather_core(weight_grad: torch.Tensor, S: int, g: int, G: int) -> torch.Tensor:
-    """Adjoint of `expand_core`: the diagonal g-blocks of a group-size-G weight, as a g-core."""
-    if g == G:
-        return weight_grad
-    T, _, kh, kw = weight_grad.shape
-    diag = _diagonal_blocks(weight_grad.contiguous(), S, g, G)  # (S/G, T·g/S, g, kh, kw, r)
-    return diag.permute(0, 5, 1, 2, 3, 4).reshape(T, g, kh, kw)
 
 
 def effective_core(cores, group_sizes, group_size: int, S: int) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """Public series ops: `torch.library` ops (namespace `gross`) with autograd and fake kernels.
 
 Each public function validates its arguments (before any kernel runs), applies autocast, notes
-which gradients autograd will want and resolves `auto` to a concrete backend (`backends.resolve`),
-then calls an op that runs that backend: its forward, backward and fake kernels see one name. The backward passes are ops too (private, `gross::_…`), so
+which gradients autograd will want and resolves `auto` to a concrete backend (`backends.resolve`).
+A backend made of PyTorch's differentiable ops (reference, channels-last, folded) then runs under
+autograd like a plain PyTorch layer; any other calls an op that runs it, whose forward, backward
+and fake kernels see that one name. The backward passes are ops too (private, `gross::_…`), so
 `torch.compile` traces forward and backward without graph breaks. Outputs follow x's memory format.
 """
 from __future__ import annotations
@@ -50,10 +52,31 @@ def _geom(group_sizes, group_size, stride, padding, dilation) -> SeriesGeom:
     return SeriesGeom(tuple(group_sizes), group_size, tuple(stride), tuple(padding), tuple(dilation))
 
 
-def _per_term(active, params):
-    """Gradients of every term: the active ones' (contiguous), zeros for the inactive ones."""
-    out = [g.contiguous() for g in active]
-    return out + [torch.zeros_like(p) for p in params[len(out):]]
+def _op_backend(op, x, cores, group_sizes, group_size, stride, padding, dilation, backend, needs):
+    """The backend a series op call runs (the op given "auto" directly decides here)."""
+    return backends.choose(backend, op, x, list(cores),
+                           _geom(group_sizes, group_size, stride, padding, dilation),
+                           _series_needs(needs))
+
+
+def _kernels_only(kernels):
+    """A backward op's backend: one with backward kernels (a differentiable one never gets here:
+    autograd runs its ops)."""
+    if kernels.differentiable:
+        raise RuntimeError(f"backend {kernels.name!r} runs under autograd: its backward is not "
+                           f"one of the gross:: backward ops")
+    return kernels
+
+
+def _term_grads(active, params):
+    """Gradients of every term for autograd: the active ones', zeros for the inactive ones (views
+    of one zero-filled buffer: one allocation however many terms are inactive)."""
+    inactive = params[len(active):]
+    if not inactive:
+        return list(active)
+    zeros = inactive[0].new_zeros(sum(p.numel() for p in inactive))
+    return list(active) + [z.view_as(p) for z, p in
+                           zip(zeros.split([p.numel() for p in inactive]), inactive)]
 
 
 # ---------------------------------------------------------------- series grouped conv ----------
@@ -66,9 +89,10 @@ def _series_needs(needs) -> Needs:
 def _series_impl(x: Tensor, cores: Sequence[Tensor], group_sizes: Sequence[int], group_size: int,
                  stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                  backend: str, needs: Sequence[bool]) -> Tensor:
-    geom, cores = _geom(group_sizes, group_size, stride, padding, dilation), list(cores)
-    return backends.choose(backend, "series", x, cores, geom, _series_needs(needs)).series_call(
-        x, cores, geom)
+    kernels = _op_backend("series", x, cores, group_sizes, group_size, stride, padding, dilation,
+                          backend, needs)
+    return kernels.series_call(x, list(cores), _geom(group_sizes, group_size, stride, padding,
+                                                     dilation))
 
 
 def _series_fake(x, cores, group_sizes, group_size, stride, padding, dilation, backend, needs):
@@ -80,21 +104,24 @@ def _series_backward_impl(grad: Tensor, x: Tensor, cores: Sequence[Tensor],
                           group_sizes: Sequence[int], group_size: int, stride: Sequence[int],
                           padding: Sequence[int], dilation: Sequence[int], backend: str,
                           needs: Sequence[bool]) -> list[Tensor]:
-    """[grad_x or empty, grad of every core (zeros for inactive terms) or empties]."""
+    """[grad_x or empty, grad of every active core (or empties)]."""
     geom, cores = _geom(group_sizes, group_size, stride, padding, dilation), list(cores)
     wants = _series_needs(needs)
-    kernels = backends.choose(backend, "series", x, cores, geom, wants)
+    kernels = _kernels_only(backends.choose(backend, "series", x, cores, geom, wants))
     gx, active = kernels.series_backward_call(grad, x, cores, geom, wants.x, wants.cores)
     out = [x.new_empty(0) if gx is None else gx]
-    return out + (_per_term(active, cores) if wants.cores else [c.new_empty(0) for c in cores])
+    if not wants.cores:
+        return out + [c.new_empty(0) for c in cores[:geom.num_active]]
+    return out + [g.contiguous() for g in active]
 
 
 def _series_backward_fake(grad, x, cores, group_sizes, group_size, stride, padding, dilation,
                           backend, needs):
     wants = _series_needs(needs)
+    active = cores[:_geom(group_sizes, group_size, stride, padding, dilation).num_active]
     out = [_new_output(x, x.shape) if wants.x else x.new_empty(0)]
     return out + [torch.empty_like(c, memory_format=torch.contiguous_format) if wants.cores
-                  else c.new_empty(0) for c in cores]
+                  else c.new_empty(0) for c in active]
 
 
 _series_op = _define("series_grouped_conv2d", _series_impl, _series_fake)
@@ -118,11 +145,14 @@ class _SeriesFunction(torch.autograd.Function):
         x, *cores = ctx.saved_tensors
         grads = _series_backward_op(grad, x, cores, *ctx.series_args)
         need_x, need_cores = ctx.series_args[-1]
-        core_grads = grads[1:] if need_cores else [None] * len(cores)
+        core_grads = _term_grads(grads[1:], cores) if need_cores else [None] * len(cores)
         return (grads[0] if need_x else None, None, *core_grads)
 
 
 def _series_autograd(x, cores, *series_args):
+    kernels = _op_backend("series", x, cores, *series_args)
+    if kernels.differentiable:
+        return _differentiable_series(kernels, x, list(cores), _geom(*series_args[:5]))
     if any(series_args[-1]):
         return _SeriesFunction.apply(x, series_args, *cores)
     with _below_autograd():
@@ -172,38 +202,37 @@ def _bottleneck_backward_impl(grad: Tensor, x: Tensor, firsts: Sequence[Tensor],
                               stride: Sequence[int], padding: Sequence[int],
                               dilation: Sequence[int], backend: str, needs: Sequence[bool],
                               activations: Sequence[Tensor]) -> list[Tensor]:
-    """[grad_x, grads of firsts, grads of cores, grads of lasts, grad_bias]; empties where `needs`
-    asks for none. Every active first (last) gets the gradient of the summed A (C); inactive terms
-    get zeros. `activations` is [u, z] when the forward kept them, else empty (recomputed)."""
+    """[grad_x, grad of the summed A, grads of the active cores, grad of the summed C, grad_bias];
+    empties where `needs` asks for none. `activations` is [u, z] when the forward kept them, else
+    empty (recomputed)."""
     geom, cores = _geom(group_sizes, group_size, stride, padding, dilation), list(cores)
     wants, n = Needs(*needs), geom.num_active
-    kernels = backends.layer_op_choice(backend, x)
+    kernels = _kernels_only(backends.layer_op_choice(backend, x))
     A, C = sum_active(firsts, n), sum_active(lasts, n)
     gx, gA, gcores, gC, gbias = kernels.layer_backward_call(grad, x, A, cores, C, bias, geom,
                                                             wants, activations)
 
-    def shared(g, params):  # the summed factor's gradient, handed to every active term
-        if g is None:
-            return [p.new_empty(0) for p in params]
-        g = g.contiguous()
-        return _per_term([g] + [g.clone() for _ in range(n - 1)], params)
+    def given(g, like):
+        return like.new_empty(0) if g is None else g.contiguous()
 
-    gx = x.new_empty(0) if gx is None else gx
-    return ([gx] + shared(gA, firsts)
-            + (_per_term(gcores, cores) if gcores is not None else [c.new_empty(0) for c in cores])
-            + shared(gC, lasts) + [x.new_empty(0) if gbias is None else gbias.contiguous()])
+    gcores = [g.contiguous() for g in gcores] if gcores is not None else [
+        c.new_empty(0) for c in cores[:n]]
+    # grad_x keeps x's layout (layer_backward_call); the weights' gradients are contiguous.
+    return [x.new_empty(0) if gx is None else gx, given(gA, firsts[0]), *gcores,
+            given(gC, lasts[0]), given(gbias, x)]
 
 
 def _bottleneck_backward_fake(grad, x, firsts, cores, lasts, bias, group_sizes, group_size,
                               stride, padding, dilation, backend, needs, activations):
     wants = Needs(*needs)
+    n = _geom(group_sizes, group_size, stride, padding, dilation).num_active
 
     def like(params, wanted):
         return [torch.empty_like(p, memory_format=torch.contiguous_format) if wanted
                 else p.new_empty(0) for p in params]
 
-    return ([_new_output(x, x.shape) if wants.x else x.new_empty(0)] + like(firsts, wants.A)
-            + like(cores, wants.cores) + like(lasts, wants.C)
+    return ([_new_output(x, x.shape) if wants.x else x.new_empty(0)] + like(firsts[:1], wants.A)
+            + like(cores[:n], wants.cores) + like(lasts[:1], wants.C)
             + [torch.empty_like(bias) if bias is not None and wants.bias else x.new_empty(0)])
 
 
@@ -238,16 +267,25 @@ class _BottleneckFunction(torch.autograd.Function):
         params, activations = rest[:3 * n], rest[3 * n:]
         if grad_y is None:  # y took no part in the loss: every gradient is zero
             return (None, None, None) + (None,) * (3 * n)
-        grads = _bottleneck_backward_op(grad_y, x, params[:n], params[n:2 * n], params[2 * n:],
-                                        bias, *ctx.series_args, activations)
-        wants = Needs(*ctx.series_args[-1])
-        kept = [wants.A] * n + [wants.cores] * n + [wants.C] * n
-        param_grads = [g if keep else None for g, keep in zip(grads[1:1 + 3 * n], kept)]
-        return (grads[0] if wants.x else None,
-                grads[-1] if bias is not None and wants.bias else None, None, *param_grads)
+        firsts, cores, lasts = params[:n], params[n:2 * n], params[2 * n:]
+        grad_x, grad_A, *grad_cores, grad_C, grad_bias = _bottleneck_backward_op(
+            grad_y, x, firsts, cores, lasts, bias, *ctx.series_args, activations)
+        wants, active = Needs(*ctx.series_args[-1]), len(grad_cores)
+
+        def terms(wanted, grads, like):
+            return _term_grads(grads, like) if wanted else [None] * n
+
+        # Every active first (last) shares the summed factor's gradient (autograd copies it where
+        # it must); inactive terms get zeros.
+        return (grad_x if wants.x else None, grad_bias if bias is not None and wants.bias else None,
+                None, *terms(wants.A, [grad_A] * active, firsts),
+                *terms(wants.cores, grad_cores, cores), *terms(wants.C, [grad_C] * active, lasts))
 
 
 def _bottleneck_autograd(x, firsts, cores, lasts, bias, *series_args):
+    if backends.layer_op_choice(series_args[5], x).differentiable:
+        return [_differentiable_layer(backends.layer_op_choice(series_args[5], x), x, firsts,
+                                      cores, lasts, bias, _geom(*series_args[:5]))]
     if any(series_args[-1]):
         return list(_BottleneckFunction.apply(x, bias, series_args, *firsts, *cores, *lasts))
     with _below_autograd():
@@ -276,6 +314,44 @@ def _autocast(*tensor_groups):
     return tuple(cast(group) for group in tensor_groups)
 
 
+class _InactiveTerms(torch.autograd.Function):
+    """Passes a weight through and gives the inactive terms zero gradients: under autograd they
+    take no part in the output, yet the ops' contract (and the released GroSS training, where
+    SGD's momentum kept moving them) gives them zeros, as the custom ops' backward does."""
+
+    @staticmethod
+    def forward(ctx, weight, *inactive):
+        ctx.inactive = [(t.shape, t.dtype, t.device) for t in inactive]
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *[torch.zeros(shape, dtype=dtype, device=device)
+                        if need else None for (shape, dtype, device), need
+                        in zip(ctx.inactive, ctx.needs_input_grad[1:])])
+
+
+def _through_autograd(weight, inactive):
+    """`weight`, carrying zero gradients to the inactive terms that want gradients."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inactive):
+        return _InactiveTerms.apply(weight, *inactive)
+    return weight
+
+
+def _differentiable_series(kernels, x, cores, geom):
+    """The series op on a differentiable backend, under autograd."""
+    cores[0] = _through_autograd(cores[0], cores[geom.num_active:])
+    return kernels.series(x, cores, geom)
+
+
+def _differentiable_layer(kernels, x, firsts, cores, lasts, bias, geom):
+    """The layer op on a differentiable backend, under autograd (the active 1×1 terms summed
+    there too, so that each gets its gradient)."""
+    n = geom.num_active
+    A = _through_autograd(sum_active(firsts, n), [*firsts[n:], *cores[n:], *lasts[n:]])
+    return kernels.layer(x, A, list(cores), sum_active(lasts, n), bias, geom)
+
+
 def _check_backend(backend: str, x: Tensor) -> None:
     """Reject an unknown backend, or a forced one that cannot run x, before any kernel runs."""
     backends.check_name(backend)
@@ -292,6 +368,8 @@ def series_grouped_conv2d(x, cores, group_sizes, group_size, stride=1, padding=0
     needs = [_wants_grad(x), _wants_grad(*cores)]
     needs = needs if any(needs) else []
     name = backends.resolve(backend, "series", x, cores, geom, _series_needs(needs))
+    if name != "auto" and backends.get(name).differentiable:  # plain autograd, no custom op
+        return _differentiable_series(backends.get(name), x, list(cores), geom)
     return _series_op(x, list(cores), *geom.as_lists(), name, needs)
 
 
@@ -307,5 +385,7 @@ def series_bottleneck_conv2d(x, firsts, cores, lasts, bias, group_sizes, group_s
     needs = needs if any(needs) else []
     name = backends.resolve(backend, "bottleneck", x, cores, geom,
                             Needs(*needs) if needs else NO_GRAD, firsts, lasts, bias)
+    if backends.get(name).differentiable:  # plain autograd, no custom op
+        return _differentiable_layer(backends.get(name), x, firsts, cores, lasts, bias, geom)
     return _bottleneck_op(x, list(firsts), list(cores), list(lasts), bias, *geom.as_lists(), name,
                           needs)[0]

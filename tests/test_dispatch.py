@@ -13,6 +13,7 @@ from torch import nn
 import gross_kernels as gk
 from gross_kernels import backends
 from gross_kernels.backends import _autotune, _cache, fastpaths
+from gross_kernels.backends.base import Composed
 from gross_kernels.backends.reference import Reference
 from oracle import naive_bottleneck, naive_series_conv
 
@@ -26,7 +27,28 @@ def _fresh_decisions():
     backends.reset()
 
 
-class _Perturbed(Reference):
+class _Kernels(Composed):
+    """A correct backend with its own kernels (the reference's convolution, gradients by autograd)."""
+
+    name = "test-kernels"
+
+    def unavailable_reason(self, device, dtype):
+        return None
+
+    def series_forward(self, x, cores, geom):
+        return Reference().series(x, cores, geom)
+
+    def series_backward(self, grad_z, x, cores, geom, need_x=True, need_cores=True):
+        n = geom.num_active
+        with torch.enable_grad():
+            xl = x.detach().requires_grad_()
+            active = [c.detach().requires_grad_() for c in cores[:n]]
+            z = Reference().series(xl, active + list(cores[n:]), geom)
+            gx, *gcores = torch.autograd.grad(z, [xl, *active], grad_z)
+        return (gx if need_x else None), (gcores if need_cores else None)
+
+
+class _Perturbed(_Kernels):
     """A backend whose series output is off by 1e-3 everywhere."""
 
     name = "test-perturbed"
@@ -35,7 +57,7 @@ class _Perturbed(Reference):
         return super().series_forward(x, cores, geom) + 1e-3
 
 
-class _WrongGradient(Reference):
+class _WrongGradient(_Kernels):
     """Right outputs, but the cores' gradients 1 % too large."""
 
     name = "test-wrong-gradient"
@@ -45,7 +67,7 @@ class _WrongGradient(Reference):
         return gx, None if gcores is None else [g * 1.01 for g in gcores]
 
 
-class _FailsAtDepthwise(Reference):
+class _FailsAtDepthwise(_Kernels):
     """Raises for group size 1 only; right everywhere else."""
 
     name = "test-fails-at-1"

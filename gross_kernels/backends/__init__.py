@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..geometry import SeriesGeom
 from . import _autotune, _cache, fastpaths
@@ -63,6 +64,11 @@ def unregister(name: str) -> None:
 for _backend in (Reference(), fastpaths.ChannelsLast(), fastpaths.Folded(), Compiled("cpp"),
                  Compiled("cuda"), Triton()):
     register(_backend)
+
+
+def get(name: str) -> Backend:
+    """The registered backend `name`."""
+    return _REGISTRY[check_name(name)]
 
 
 def check_name(backend) -> str:
@@ -268,13 +274,14 @@ def choose(backend: str, op: str, x, cores, geom: SeriesGeom, needs: Needs, firs
            lasts=None, bias=None, measure: bool = True) -> Backend:
     """The backend that runs this call: the forced one, or `auto`'s decision for its signature
     (`firsts`, `lasts`: the layer op's 1×1 terms). With `measure=False` (fake tensors: nothing
-    can run) an undecided signature gets the static rule's backend and stays undecided."""
+    can run), or under a dispatch mode (opcheck, FLOP counters: timing would measure the mode), an
+    undecided signature gets the static rule's backend and stays undecided."""
     if backend != "auto":
         return check_available(backend, x.device, x.dtype)
     sig = signature(op, x, cores, geom, needs, firsts, lasts, bias)
     decision = _DECISIONS.get(sig)
     if decision is None:
-        if not measure:
+        if not measure or _get_current_dispatch_mode() is not None:  # nothing to time there
             return _REGISTRY[fastpaths.static_choice(sig)]
         decision = _decide(sig, x.device, x.dtype,
                            _autotune.Inputs.of(op, x, cores, geom, needs, firsts, lasts, bias))

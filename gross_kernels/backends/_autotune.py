@@ -93,28 +93,9 @@ class Decision:
                    {n: Verdict(**v) for n, v in record.get("candidates", {}).items()})
 
 
-def _step(backend, inputs: Inputs, grad_out):
-    """Run the call once on `backend` as the op does (layouts included); returns the output and
-    every wanted gradient, flattened."""
-    x, cores, geom, needs = inputs.x, inputs.cores, inputs.geom, inputs.needs
-    if inputs.op == "series":
-        z = backend.series_call(x, cores, geom)
-        if grad_out is None:
-            return [z]
-        gx, gcores = backend.series_backward_call(grad_out, x, cores, geom, needs.x, needs.cores)
-        return [z] + ([gx] if needs.x else []) + (list(gcores) if needs.cores else [])
-    A, C, bias = inputs.A, inputs.C, inputs.bias
-    y, activations = backend.layer_call(x, A, cores, C, bias, geom, grad_out is not None)
-    if grad_out is None:
-        return [y]
-    gx, gA, gcores, gC, gbias = backend.layer_backward_call(grad_out, x, A, cores, C, bias, geom,
-                                                            needs, activations)
-    wanted = [(needs.x, [gx]), (needs.A, [gA]), (needs.cores, gcores), (needs.C, [gC]),
-              (needs.bias and bias is not None, [gbias])]
-    return [y] + [g for want, grads in wanted if want for g in grads]
-
-
 def _errors(outputs, oracle) -> list:
+    if len(outputs) != len(oracle):
+        raise ValueError(f"returned {len(outputs)} tensors where {len(oracle)} were wanted")
     errors = []
     for out, want in zip(outputs, oracle):
         scale = want.abs().max().item()
@@ -180,18 +161,18 @@ def measure(sig, backends: list, inputs: Inputs, time_them: bool = True) -> Opti
             grad_out = torch.randn(shape, generator=gen, device=device, dtype=dtype)
             grad_out = grad_out.contiguous(memory_format=_layout.format_of(inputs.x))
         precise = inputs.cast(torch.float64)
-        oracle = _step(reference, precise, None if grad_out is None else grad_out.double())
+        oracle = reference.step(precise, None if grad_out is None else grad_out.double())
         if not all(torch.isfinite(t).all() for t in oracle):
             return None
         floor = FLOORS.get(dtype, 2e-2)
-        own = _errors(_step(reference, inputs, grad_out), oracle)  # its failure is the call's
+        own = _errors(reference.step(inputs, grad_out), oracle)  # its failure is the call's
         verdicts = {reference.name: Verdict("ok", max(own))}
-        runnable = {reference.name: functools.partial(_step, reference, inputs, grad_out)}
+        runnable = {reference.name: functools.partial(reference.step, inputs, grad_out)}
         for backend in backends[1:]:
             if backend.name in verdicts:
                 continue
             try:
-                errors = _errors(_step(backend, inputs, grad_out), oracle)
+                errors = _errors(backend.step(inputs, grad_out), oracle)
             except Exception as error:  # noqa: BLE001 - any failure excludes the candidate
                 verdicts[backend.name] = Verdict("error", detail=f"{type(error).__name__}: {error}")
                 _warn(backend.name, sig, verdicts[backend.name].detail)
@@ -206,7 +187,7 @@ def measure(sig, backends: list, inputs: Inputs, time_them: bool = True) -> Opti
                 _warn(backend.name, sig, detail)
                 continue
             verdicts[backend.name] = Verdict("ok", worst)
-            runnable[backend.name] = functools.partial(_step, backend, inputs, grad_out)
+            runnable[backend.name] = functools.partial(backend.step, inputs, grad_out)
         if not time_them or len(runnable) == 1:
             winner = next(iter(runnable))
         else:

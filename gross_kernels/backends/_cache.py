@@ -3,13 +3,14 @@
 The file is `dispatch.json` in `$GROSS_KERNELS_CACHE` (a folder), else in
 `$XDG_CACHE_HOME/gross_kernels` or `~/.cache/gross_kernels`; `GROSS_KERNELS_CACHE=off` keeps
 decisions in memory only. Signatures carry the device's name; the top-level key names the versions
-of torch, triton, CUDA and this package, so a new version decides afresh. Several processes may
+of torch, triton, CUDA and this package (with a digest of its code), so a new version decides afresh. Several processes may
 share the file: each store re-reads it under a lock and replaces it atomically. A damaged file is
 ignored with a warning and rewritten by the next store.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import warnings
@@ -50,10 +51,23 @@ def _package_version() -> str:
         return "source"
 
 
+@functools.lru_cache(maxsize=None)
+def _code_digest() -> str:
+    """A digest of this package's Python sources and compiled extension: an editable install
+    keeps its version number while its kernels change."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    for folder, _, files in sorted(os.walk(root)):
+        for name in sorted(f for f in files if f.endswith((".py", ".so", ".pyd"))):
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(name.encode() + f.read())
+    return digest.hexdigest()[:12]
+
+
 def environment() -> str:
     """The versions a decision holds for."""
     return (f"torch {torch.__version__} | triton {_triton_version()} | cuda {torch.version.cuda} "
-            f"| gross_kernels {_package_version()}")
+            f"| gross_kernels {_package_version()} ({_code_digest()})")
 
 
 def _read(file) -> dict:

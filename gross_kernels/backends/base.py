@@ -1,10 +1,13 @@
-"""The interface every backend implements (`Backend`), and `Composed`: a whole decomposed layer from
-a backend's series kernels and 1×1 convolutions.
+"""The interface every backend implements (`Backend`), and its two kinds: `Differentiable` (made of
+PyTorch's differentiable ops: the ops run it under autograd, like a plain PyTorch layer) and
+`Kernels` (explicit forward and backward kernels, run through the custom ops' autograd), with
+`Composed`: a `Kernels` layer from a backend's series kernels and 1×1 convolutions.
 
 Arguments arrive validated: `x` (N, S, H, W) for the series op or (N, C_in, H, W) for the layer,
 any strides; `cores[i]` (T, g_i, kh, kw); `A` = Σ active firsts (S, C_in, 1, 1) and `C` = Σ active
 lasts (C_out, T, 1, 1), summed by the op layer; `bias` (C_out,) or None; `geom` a `SeriesGeom`.
-Gradients come back for the active terms only, and None where `needs` says they are not wanted.
+Outputs, and x's gradient, come back in x's memory format. Gradients come back for the active
+terms only, and None where `needs` says they are not wanted.
 """
 from __future__ import annotations
 
@@ -52,14 +55,20 @@ def pointwise(x, weight, bias=None):
     return F.conv2d(x, weight, bias)
 
 
-class Backend(abc.ABC):
-    """One way to run the series ops. Required: the five kernels; optional (defaults here): whether
-    the backend applies to a call, and whether/how its layer forward keeps activations for the backward.
+def wanted(needs, grad_x, grad_A, grad_cores, grad_C, grad_bias) -> list:
+    """The gradients `needs` asks for, flattened in one order (x, A, active cores, C, bias); a
+    wanted one that is missing stays None (and fails `auto`'s check)."""
+    return (([grad_x] if needs.x else []) + ([grad_A] if needs.A else [])
+            + (list(grad_cores) if needs.cores else []) + ([grad_C] if needs.C else [])
+            + ([grad_bias] if needs.bias else []))
 
-    `name` is what `backend=` forces and what dispatch reports show.
-    """
+
+class Backend(abc.ABC):
+    """One way to run the series ops. `name` is what `backend=` forces and what dispatch reports
+    show; `auto` tries a backend where `tunes_on` and `applies` allow, and times `step`."""
 
     name: str = ""
+    differentiable: bool = False  # see `Differentiable`
 
     @abc.abstractmethod
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -74,7 +83,99 @@ class Backend(abc.ABC):
         that exist only for some layers say no for the others)."""
         return True
 
-    # --- the summed series of grouped convolutions
+    def keeps_activations(self, x, A, cores, C, geom) -> bool:
+        """Whether a training forward of the layer op keeps u = A·x and z = core(u) for its backward."""
+        return False
+
+    def activation_layout(self, x, geom):
+        """Memory format of the kept u, z (None: x's own)."""
+        return None
+
+    @abc.abstractmethod
+    def series_call(self, x, cores, geom):
+        """The series op's forward: z = Σ_active conv2d(x, cores[i], groups=S/g_i)."""
+
+    @abc.abstractmethod
+    def layer_call(self, x, A, cores, C, bias, geom, training):
+        """The layer op's forward: (y, [u, z] when a training forward keeps them, else [])."""
+
+    @abc.abstractmethod
+    def step(self, inputs, grad_out):
+        """One call as the public function runs it (`inputs`: `_autotune.Inputs`): [output, then the
+        gradients of `grad_out` that `inputs.needs` wants, in `wanted` order]; `grad_out` None for
+        an inference call. What `auto` checks and times."""
+
+    def __repr__(self):
+        return f"<gross_kernels backend {self.name!r}>"
+
+
+def _vjp(fn, named, wants, grad_out):
+    """fn(*named), and the vector-Jacobian products with `grad_out` for the tensors `wants` flags."""
+    asked = [i for i, (t, want) in enumerate(zip(named, wants)) if want and t is not None]
+    if grad_out is None or not asked:
+        with torch.no_grad():
+            return fn(*named), []
+
+    def of_asked(*picked):
+        full = list(named)
+        for i, t in zip(asked, picked):
+            full[i] = t
+        return fn(*full)
+
+    with torch.enable_grad():
+        leaves = [named[i].detach().requires_grad_() for i in asked]
+        out = of_asked(*leaves)
+        grads = torch.autograd.grad(out, leaves, grad_out)
+    return out.detach(), list(grads)
+
+
+class Differentiable(Backend):
+    """A backend made of PyTorch's differentiable ops: `series` and `layer` are its whole
+    implementation. The ops run them under autograd, so the backward runs in autograd's own
+    engine as for a plain PyTorch layer, computing only the gradients autograd wants."""
+
+    differentiable = True
+
+    def unavailable_reason(self, device, dtype):
+        return None
+
+    @abc.abstractmethod
+    def series(self, x, cores, geom):
+        """The summed series, differentiable, output in x's memory format."""
+
+    @abc.abstractmethod
+    def layer(self, x, A, cores, C, bias, geom):
+        """The decomposed layer from the summed 1×1 factors, differentiable, output in x's format."""
+
+    def series_call(self, x, cores, geom):
+        return self.series(x, cores, geom)
+
+    def layer_call(self, x, A, cores, C, bias, geom, training):
+        return self.layer(x, A, cores, C, bias, geom), []
+
+    def step(self, inputs, grad_out):
+        x, cores, geom, needs = inputs.x, inputs.cores, inputs.geom, inputs.needs
+        n = geom.num_active
+        if inputs.op == "series":
+            z, grads = _vjp(lambda x, *active: self.series(x, list(active) + cores[n:], geom),
+                            [x, *cores[:n]], [needs.x] + [needs.cores] * n, grad_out)
+            return [z] + grads
+        wants = [needs.x, needs.A, needs.C, needs.bias] + [needs.cores] * n
+        y, grads = _vjp(lambda x, A, C, bias, *active: self.layer(
+            x, A, list(active) + cores[n:], C, bias, geom),
+            [x, inputs.A, inputs.C, inputs.bias, *cores[:n]], wants, grad_out)
+        if grad_out is None:
+            return [y]
+        it = iter(grads)
+        got = [next(it) if want and t is not None else None
+               for t, want in zip([x, inputs.A, inputs.C, inputs.bias], wants[:4])]
+        return [y] + wanted(needs, got[0], got[1], list(it), got[2], got[3])
+
+
+class Kernels(Backend):
+    """A backend with explicit forward and backward kernels, run through the custom ops (their
+    autograd saves what `keeps_activations` says and calls the backward kernels)."""
+
     @abc.abstractmethod
     def series_forward(self, x, cores, geom):
         """z = Σ_active conv2d(x, cores[i], groups=S/g_i)."""
@@ -83,18 +184,9 @@ class Backend(abc.ABC):
     def series_backward(self, grad_z, x, cores, geom, need_x=True, need_cores=True):
         """(grad_x or None, [grads of the active cores] or None)."""
 
-    # --- the whole decomposed layer
     @abc.abstractmethod
     def bottleneck_forward(self, x, A, cores, C, bias, geom):
         """y = 1×1 C (series core (1×1 A x)) + bias."""
-
-    def keeps_activations(self, x, A, cores, C, geom) -> bool:
-        """Whether a training forward keeps u = A·x and z = core(u) for the backward."""
-        return False
-
-    def activation_layout(self, x, geom):
-        """Memory format of the kept u, z (None: x's own)."""
-        return None
 
     def bottleneck_forward_saving(self, x, A, cores, C, bias, geom):
         """(y, u, z): the forward of a backend that keeps its activations."""
@@ -108,10 +200,9 @@ class Backend(abc.ABC):
         `activations` = (u, z) kept by `bottleneck_forward_saving`, or None (recompute them).
         """
 
-    # --- the calls as the ops make them (and `auto` times them): outputs, and x's gradient, in
-    # x's memory format; the kept activations in the backend's layout.
+    # --- the calls as the ops make them: outputs, and x's gradient, in x's memory format; the
+    # kept activations in the backend's layout.
     def series_call(self, x, cores, geom):
-        """The series op's forward."""
         return _layout.to_memory_format(self.series_forward(x, cores, geom), _layout.format_of(x))
 
     def series_backward_call(self, grad_z, x, cores, geom, need_x, need_cores):
@@ -122,7 +213,6 @@ class Backend(abc.ABC):
         return (None if grad_x is None else _layout.to_memory_format(grad_x, fmt)), grad_cores
 
     def layer_call(self, x, A, cores, C, bias, geom, training):
-        """The layer op's forward: (y, [u, z] when a training forward keeps them, else [])."""
         fmt = _layout.format_of(x)
         if training and self.keeps_activations(x, A, cores, C, geom):
             y, u, z = self.bottleneck_forward_saving(x, A, cores, C, bias, geom)
@@ -139,11 +229,23 @@ class Backend(abc.ABC):
                                                  tuple(activations) if activations else None)
         return ((None if grad_x is None else _layout.to_memory_format(grad_x, fmt)), *rest)
 
-    def __repr__(self):
-        return f"<gross_kernels backend {self.name!r}>"
+    def step(self, inputs, grad_out):
+        x, cores, geom, needs = inputs.x, inputs.cores, inputs.geom, inputs.needs
+        if inputs.op == "series":
+            z = self.series_call(x, cores, geom)
+            if grad_out is None:
+                return [z]
+            gx, gcores = self.series_backward_call(grad_out, x, cores, geom, needs.x, needs.cores)
+            return [z] + wanted(needs, gx, None, gcores, None, None)
+        A, C, bias = inputs.A, inputs.C, inputs.bias
+        y, activations = self.layer_call(x, A, cores, C, bias, geom, grad_out is not None)
+        if grad_out is None:
+            return [y]
+        return [y] + wanted(needs, *self.layer_backward_call(grad_out, x, A, cores, C, bias, geom,
+                                                             needs, activations))
 
 
-class Composed(Backend):
+class Composed(Kernels):
     """A layer composed of 1×1 convolutions around the backend's own series kernels; it keeps u, z."""
 
     def bottleneck_forward(self, x, A, cores, C, bias, geom):

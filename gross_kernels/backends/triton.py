@@ -7,7 +7,7 @@ import importlib
 
 import torch
 
-from .base import Backend, Needs
+from .base import Kernels, Needs
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -16,7 +16,7 @@ def _kernels():
     return importlib.import_module("gross_kernels.triton")
 
 
-class Triton(Backend):
+class Triton(Kernels):
     """Adapter from the backend interface to the Triton launchers' positional geometry."""
 
     name = "triton"
