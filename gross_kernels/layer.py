@@ -20,7 +20,8 @@ class SeriesConv2d(nn.Module):
     """Conv2d(C_in → C_out, k) as 1×1 (C_in→S) → grouped k×k series (S→T) → 1×1 (T→C_out) + bias.
 
     Term i owns firsts[i] (S, C_in, 1, 1), cores[i] (T, g_i, kh, kw) and lasts[i] (C_out, T, 1, 1);
-    at group size g_j the layer sums the terms i ≤ j (DESIGN.md §1).
+    at group size g_j the layer sums the terms i ≤ j (DESIGN.md §1); the others get no gradient
+    (use `torch.autograd.grad(..., allow_unused=True)` over all parameters).
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, group_sizes, bottleneck=None,

@@ -69,14 +69,9 @@ def _kernels_only(kernels):
 
 
 def _term_grads(active, params):
-    """Gradients of every term for autograd: the active ones', zeros for the inactive ones (views
-    of one zero-filled buffer: one allocation however many terms are inactive)."""
-    inactive = params[len(active):]
-    if not inactive:
-        return list(active)
-    zeros = inactive[0].new_zeros(sum(p.numel() for p in inactive))
-    return list(active) + [z.view_as(p) for z, p in
-                           zip(zeros.split([p.numel() for p in inactive]), inactive)]
+    """Gradients of every term for autograd: the active ones', None for the inactive ones (they
+    take no part in the output: no gradient, as a plain PyTorch layer gives an unused weight)."""
+    return list(active) + [None] * (len(params) - len(active))
 
 
 # ---------------------------------------------------------------- series grouped conv ----------
@@ -152,7 +147,7 @@ class _SeriesFunction(torch.autograd.Function):
 def _series_autograd(x, cores, *series_args):
     kernels = _op_backend("series", x, cores, *series_args)
     if kernels.differentiable:
-        return _differentiable_series(kernels, x, list(cores), _geom(*series_args[:5]))
+        return kernels.series(x, list(cores), _geom(*series_args[:5]))
     if any(series_args[-1]):
         return _SeriesFunction.apply(x, series_args, *cores)
     with _below_autograd():
@@ -276,7 +271,7 @@ class _BottleneckFunction(torch.autograd.Function):
             return _term_grads(grads, like) if wanted else [None] * n
 
         # Every active first (last) shares the summed factor's gradient (autograd copies it where
-        # it must); inactive terms get zeros.
+        # it must); inactive terms get none.
         return (grad_x if wants.x else None, grad_bias if bias is not None and wants.bias else None,
                 None, *terms(wants.A, [grad_A] * active, firsts),
                 *terms(wants.cores, grad_cores, cores), *terms(wants.C, [grad_C] * active, lasts))
@@ -314,42 +309,11 @@ def _autocast(*tensor_groups):
     return tuple(cast(group) for group in tensor_groups)
 
 
-class _InactiveTerms(torch.autograd.Function):
-    """Passes a weight through and gives the inactive terms zero gradients: under autograd they
-    take no part in the output, yet the ops' contract (and the released GroSS training, where
-    SGD's momentum kept moving them) gives them zeros, as the custom ops' backward does."""
-
-    @staticmethod
-    def forward(ctx, weight, *inactive):
-        ctx.inactive = [(t.shape, t.dtype, t.device) for t in inactive]
-        return weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return (grad, *[torch.zeros(shape, dtype=dtype, device=device)
-                        if need else None for (shape, dtype, device), need
-                        in zip(ctx.inactive, ctx.needs_input_grad[1:])])
-
-
-def _through_autograd(weight, inactive):
-    """`weight`, carrying zero gradients to the inactive terms that want gradients."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inactive):
-        return _InactiveTerms.apply(weight, *inactive)
-    return weight
-
-
-def _differentiable_series(kernels, x, cores, geom):
-    """The series op on a differentiable backend, under autograd."""
-    cores[0] = _through_autograd(cores[0], cores[geom.num_active:])
-    return kernels.series(x, cores, geom)
-
-
 def _differentiable_layer(kernels, x, firsts, cores, lasts, bias, geom):
     """The layer op on a differentiable backend, under autograd (the active 1×1 terms summed
     there too, so that each gets its gradient)."""
     n = geom.num_active
-    A = _through_autograd(sum_active(firsts, n), [*firsts[n:], *cores[n:], *lasts[n:]])
-    return kernels.layer(x, A, list(cores), sum_active(lasts, n), bias, geom)
+    return kernels.layer(x, sum_active(firsts, n), list(cores), sum_active(lasts, n), bias, geom)
 
 
 def _check_backend(backend: str, x: Tensor) -> None:
@@ -369,7 +333,7 @@ def series_grouped_conv2d(x, cores, group_sizes, group_size, stride=1, padding=0
     needs = needs if any(needs) else []
     name = backends.resolve(backend, "series", x, cores, geom, _series_needs(needs))
     if name != "auto" and backends.get(name).differentiable:  # plain autograd, no custom op
-        return _differentiable_series(backends.get(name), x, list(cores), geom)
+        return backends.get(name).series(x, list(cores), geom)
     return _series_op(x, list(cores), *geom.as_lists(), name, needs)
 
 

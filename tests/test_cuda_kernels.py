@@ -159,7 +159,7 @@ def test_small_public_op_backend_cuda(cuda_ops, dtype):
         z = gk.series_grouped_conv2d(x, cores, case.group_sizes, case.group_size, stride, padding, dilation,
                                      backend="cuda")
         gz = torch.randn_like(z)
-        grads = torch.autograd.grad(z, [x, *cores], gz)
+        grads = torch.autograd.grad(z, [x, *cores], gz, allow_unused=True)
         _, want_z, want_gx, want_gw = oracle(x.detach(), [c.detach() for c in cores], case.group_sizes,
                                              case.group_size, case.geometry(), gz)
         assert rel_err(z.detach(), want_z) <= TOL[dtype]
@@ -167,7 +167,7 @@ def test_small_public_op_backend_cuda(cuda_ops, dtype):
         for got, want in zip(grads[1:], want_gw):
             assert rel_err(got, want) <= TOL[dtype]
         for got, g in zip(grads[1 + len(want_gw):], case.group_sizes[len(want_gw):]):
-            assert g > case.group_size and not got.any()  # inactive terms get zeros
+            assert g > case.group_size and got is None  # inactive terms get no gradient
 
 
 BOTTLENECK = [

@@ -112,6 +112,26 @@ def test_search_space_training_trains_only_series_factors():
         train.fit(models.build("four_layer"), loaders[0], loaders[1], recipe, progress=False, device="cpu")
 
 
+def test_search_space_training_keeps_zero_gradients_on_inactive_terms():
+    """The ops give a term above the sampled group size no gradient; the search-space loop keeps a
+    zero one there, so SGD's momentum moves it as in the released training."""
+    model = series_four_layer()
+    layers = config.series_layers(model).values()
+    inactive = []
+
+    def after_step(epoch, step):
+        for layer in layers:
+            for g, core in zip(layer.group_sizes, layer.cores):
+                if g > layer.group_size:
+                    inactive.append(core.grad is not None and not core.grad.any())
+
+    loaders = _loaders(n_train=96)
+    recipe = train.Recipe(epochs=1, lr=0.05, sample=True, series_only=True)
+    train.train_search_space(model, loaders[0], loaders[1], recipe, progress=False, device="cpu",
+                             callback=after_step)
+    assert inactive and all(inactive)
+
+
 def test_frozen_batch_norm_keeps_running_statistics():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(8, 10))

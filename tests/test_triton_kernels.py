@@ -170,14 +170,14 @@ def test_public_series_op_with_triton_backend():
     ref = naive_series_conv(x, cores, gs, G, 2, 1)
     assert _rel(z, ref) < 1e-5
     grad_z = torch.randn_like(ref)
-    got = torch.autograd.grad(z, [x] + cores, grad_z)
+    got = torch.autograd.grad(z, [x] + cores, grad_z, allow_unused=True)
     want = torch.autograd.grad(ref, [x] + cores, grad_z, allow_unused=True)
     assert _rel(got[0], want[0]) < 1e-5
     for g, a, b in zip(gs, got[1:], want[1:]):
         if g <= G:
             assert _rel(a, b) < 1e-5
         else:
-            assert a is None or not a.any()
+            assert a is None
 
 
 def test_public_bottleneck_op_with_triton_backend():
@@ -195,8 +195,8 @@ def test_public_bottleneck_op_with_triton_backend():
     got = torch.autograd.grad(y, leaves, grad_y, allow_unused=True)
     want = torch.autograd.grad(ref, leaves, grad_y, allow_unused=True)
     for a, b in zip(got, want):
-        if b is None:  # an inactive term: the op layer hands it zeros
-            assert a is None or not a.any()
+        if b is None:  # an inactive term: no gradient
+            assert a is None
         else:
             assert _rel(a, b) < 1e-5
 

@@ -248,6 +248,12 @@ def fit(model, train_loader, val_loader, recipe, out_dir=None, device=None, resu
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(recipe.milestones), recipe.gamma)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     sample_gen = torch.Generator().manual_seed(seed)  # same on every process, so all draw the same configs
+    # A term above a sampled group size gets no gradient from the ops; kept at zero instead (not
+    # None), SGD's momentum still moves it, as in the released search-space training.
+    keep_zero_grads = recipe.sample
+    if keep_zero_grads:
+        for p in params:
+            p.grad = torch.zeros_like(p)
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
@@ -292,7 +298,7 @@ def fit(model, train_loader, val_loader, recipe, out_dir=None, device=None, resu
                     out = net(x)
                     loss = F.cross_entropy(out, y)
                 _stop_if_not_finite(loss, name, epoch, step, optimizer.param_groups[0]["lr"], ckpt_path, device)
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=not keep_zero_grads)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
