@@ -3,7 +3,6 @@ import csv
 import dataclasses
 import io
 import json
-import math
 import os
 import random
 import time
@@ -17,53 +16,11 @@ from tqdm import tqdm
 from gross_kernels.files import atomic_write, atomic_write_json
 
 from gross import checkpoint, distributed
+from gross.settings import Recipe
 from gross.config import extreme_config, get_config, sample_config, series_layers, set_config
 from gross.models import build
 
 CHECKPOINT_NAME = "checkpoint.pt"
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    """One training schedule: SGD + MultiStepLR, plus what is trained and how configurations are drawn."""
-
-    epochs: int
-    lr: float
-    milestones: tuple = ()
-    gamma: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 128
-    amp: bool = True            # mixed precision (float16 autocast + GradScaler); used on CUDA only
-    runs: int = 1               # from scratch: independent runs, the median-accuracy one is kept
-    sample: bool = False        # search-space training: a random group size per series layer per step
-    series_only: bool = False   # train only the series factors (A_i, B_i, C_i); all else incl. biases frozen
-    freeze_bn: bool = False     # batch norm in eval mode (running statistics fixed) while training
-
-    def __post_init__(self):
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
-        for key in ("lr", "gamma", "momentum", "weight_decay"):
-            value = getattr(self, key)
-            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-                    or value < 0 or (key == "lr" and value == 0)):
-                raise ValueError(f"{key} must be a {'positive' if key == 'lr' else 'non-negative'} number, "
-                                 f"got {value!r}")
-        for key in ("amp", "sample", "series_only", "freeze_bn"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
-        milestones = tuple(self.milestones)
-        if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones) or list(milestones) != sorted(set(milestones)):
-            raise ValueError(f"milestones must be increasing positive ints, got {self.milestones!r}")
-        object.__setattr__(self, "milestones", milestones)
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
-        if isinstance(self.runs, bool) or not isinstance(self.runs, int) or self.runs < 1:
-            raise ValueError(f"runs must be a positive int, got {self.runs!r}")
-
-    def to_dict(self):
-        """JSON-able form (milestones as a list)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 _SEARCH = {"sample": True, "series_only": True, "weight_decay": 0.0}
