@@ -2,7 +2,6 @@
 import csv
 import dataclasses
 import io
-import json
 import os
 import random
 import time
