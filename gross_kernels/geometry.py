@@ -30,11 +30,6 @@ class SeriesGeom:
         return sum(1 for g in self.group_sizes if g <= self.group_size)
 
     @property
-    def active_sizes(self) -> tuple:
-        """The group sizes of the active terms."""
-        return self.group_sizes[:self.num_active]
-
-    @property
     def conv(self) -> tuple:
         """(stride, padding, dilation), in F.conv2d's argument order."""
         return self.stride, self.padding, self.dilation

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from . import _validate, backends
-from .algebra import effective_core
-from .geometry import output_hw
+from .algebra import effective_core, sum_active
+from .geometry import SeriesGeom, output_hw
 from .ops import series_bottleneck_conv2d
 
 
@@ -94,21 +94,19 @@ class SeriesConv2d(nn.Module):
                                         self.bias, self.group_sizes, self._group_size,
                                         self.stride, self.padding, self.dilation, self.backend)
 
-    def _num_active(self) -> int:
-        return sum(1 for g in self.group_sizes if g <= self._group_size)
-
     @torch.no_grad()
     def export(self) -> nn.Sequential:
         """Three plain nn.Conv2d computing this layer at the active group size."""
         S, T = self.bottleneck
-        n, G = self._num_active(), self._group_size
+        G = self._group_size
+        n = SeriesGeom(self.group_sizes, G).num_active
         first = nn.Conv2d(self.in_channels, S, 1, bias=False)
         core = nn.Conv2d(S, T, self.kernel_size, self.stride, self.padding, self.dilation,
                          groups=S // G, bias=False)
         last = nn.Conv2d(T, self.out_channels, 1, bias=self.bias is not None)
-        first.weight.copy_(sum(self.firsts[i] for i in range(n)))
+        first.weight.copy_(sum_active(list(self.firsts), n))
         core.weight.copy_(effective_core(list(self.cores), self.group_sizes, G, S))
-        last.weight.copy_(sum(self.lasts[i] for i in range(n)))
+        last.weight.copy_(sum_active(list(self.lasts), n))
         if self.bias is not None:
             last.bias.copy_(self.bias)
         device, dtype = self.cores[0].device, self.cores[0].dtype

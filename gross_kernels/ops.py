@@ -185,7 +185,7 @@ def _bottleneck_fake(x, firsts, cores, lasts, bias, group_sizes, group_size, str
     kernels = backends.layer_op_choice(backend, x)
     if not kernels.keeps_activations(x, firsts[0], cores, lasts[0], geom):
         return [y]
-    layout = kernels.activation_layout(x, geom) or _layout.format_of(x)
+    layout = _layout.format_of(x)
     u = x.new_empty(x.shape[0], firsts[0].shape[0], *x.shape[2:]).contiguous(memory_format=layout)
     z = x.new_empty(x.shape[0], cores[0].shape[0], *out_hw).contiguous(memory_format=layout)
     return [y, u, z]
@@ -278,9 +278,10 @@ class _BottleneckFunction(torch.autograd.Function):
 
 
 def _bottleneck_autograd(x, firsts, cores, lasts, bias, *series_args):
-    if backends.layer_op_choice(series_args[5], x).differentiable:
-        return [_differentiable_layer(backends.layer_op_choice(series_args[5], x), x, firsts,
-                                      cores, lasts, bias, _geom(*series_args[:5]))]
+    kernels = backends.layer_op_choice(series_args[5], x)
+    if kernels.differentiable:
+        return [_differentiable_layer(kernels, x, firsts, cores, lasts, bias,
+                                      _geom(*series_args[:5]))]
     if any(series_args[-1]):
         return list(_BottleneckFunction.apply(x, bias, series_args, *firsts, *cores, *lasts))
     with _below_autograd():
@@ -332,8 +333,9 @@ def series_grouped_conv2d(x, cores, group_sizes, group_size, stride=1, padding=0
     needs = [_wants_grad(x), _wants_grad(*cores)]
     needs = needs if any(needs) else []
     name = backends.resolve(backend, "series", x, cores, geom, _series_needs(needs))
-    if name != "auto" and backends.get(name).differentiable:  # plain autograd, no custom op
-        return backends.get(name).series(x, list(cores), geom)
+    kernels = None if name == "auto" else backends.get(name)
+    if kernels is not None and kernels.differentiable:  # plain autograd, no custom op
+        return kernels.series(x, list(cores), geom)
     return _series_op(x, list(cores), *geom.as_lists(), name, needs)
 
 
@@ -349,7 +351,8 @@ def series_bottleneck_conv2d(x, firsts, cores, lasts, bias, group_sizes, group_s
     needs = needs if any(needs) else []
     name = backends.resolve(backend, "bottleneck", x, cores, geom,
                             Needs(*needs) if needs else NO_GRAD, firsts, lasts, bias)
-    if backends.get(name).differentiable:  # plain autograd, no custom op
-        return _differentiable_layer(backends.get(name), x, firsts, cores, lasts, bias, geom)
+    kernels = backends.get(name)
+    if kernels.differentiable:  # plain autograd, no custom op
+        return _differentiable_layer(kernels, x, firsts, cores, lasts, bias, geom)
     return _bottleneck_op(x, list(firsts), list(cores), list(lasts), bias, *geom.as_lists(), name,
                           needs)[0]

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .. import _layout
 from ..geometry import SeriesGeom
 from . import _autotune, _cache, fastpaths
 from .base import Backend, Needs
@@ -181,28 +182,17 @@ def _signature(op, device, dtype, shape, channels_last, S, T, C_out, kernel, bia
                      torch.get_num_threads() if device.type == "cpu" else 0)
 
 
-def _key_values(op, x, cores, geom, needs, firsts=None, lasts=None, bias=None) -> tuple:
-    """A call's signature as plain values."""
-    T, _, kh, kw = cores[0].shape
-    return (op, x.device.type, x.device.index, x.dtype, tuple(x.shape),
-            x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-                memory_format=torch.channels_last),
-            firsts[0].shape[0] if firsts is not None else x.shape[1], T,
-            lasts[0].shape[0] if lasts is not None else 0, (kh, kw), bias is not None,
-            (geom.group_sizes, geom.group_size, geom.stride, geom.padding, geom.dilation),
-            tuple(needs))
-
-
-def _from_key(op, device_type, index, dtype, shape, channels_last, S, T, C_out, kernel, bias,
-              geom, needs) -> Signature:
-    device = torch.device(device_type, index) if index is not None else torch.device(device_type)
-    return _signature(op, device, dtype, shape, channels_last, S, T, C_out, kernel, bias,
-                      SeriesGeom(*geom), Needs(*needs))
+def _channels_last(x) -> bool:
+    return _layout.format_of(x) is torch.channels_last
 
 
 def signature(op, x, cores, geom, needs, firsts=None, lasts=None, bias=None) -> Signature:
     """The dispatch signature of one call (`firsts`, `lasts`: the layer op's 1×1 terms)."""
-    return _from_key(*_key_values(op, x, cores, geom, needs, firsts, lasts, bias))
+    T, _, kh, kw = cores[0].shape
+    return _signature(op, x.device, x.dtype, x.shape, _channels_last(x),
+                      firsts[0].shape[0] if firsts is not None else x.shape[1], T,
+                      lasts[0].shape[0] if lasts is not None else 0, (kh, kw), bias is not None,
+                      geom, Needs(*needs))
 
 
 # ---------------------------------------------------------------- the choice -------------------
@@ -253,8 +243,10 @@ def _decide(sig, device, dtype, inputs) -> Optional[_autotune.Decision]:
         return _static(sig, "static")
     if _distributed():
         return _static(sig, "static (torchrun)")
-    cached = _cache.lookup(sig)
-    if cached is not None and cached.winner in {b.name for b in candidates(sig, device, dtype)}:
+    cached, runnable = _cache.lookup(sig), candidates(sig, device, dtype)
+    if cached is not None and cached.winner == "reference":
+        return cached  # the oracle itself: nothing to check
+    if cached is not None and cached.winner in {b.name for b in runnable}:
         # Re-checked on this process's inputs before it is trusted.
         start = time.perf_counter()
         checked = _autotune.measure(sig, [_REGISTRY["reference"], _REGISTRY[cached.winner]],
@@ -263,7 +255,7 @@ def _decide(sig, device, dtype, inputs) -> Optional[_autotune.Decision]:
             cached.seconds = time.perf_counter() - start
             return cached
     start = time.perf_counter()
-    decision = _autotune.measure(sig, candidates(sig, device, dtype), inputs)
+    decision = _autotune.measure(sig, runnable, inputs)
     if decision is not None:
         decision.seconds = time.perf_counter() - start
         _cache.store(sig, decision)
@@ -348,9 +340,7 @@ def resolve(backend: str, op: str, x, cores, geom, needs, firsts=None, lasts=Non
         if op == "series":
             return backend
         T, _, kh, kw = cores[0].shape
-        return traced_choice(x.device.type, x.device.index, x.dtype,
-                             x.dim() == 4 and not x.is_contiguous()
-                             and x.is_contiguous(memory_format=torch.channels_last),
+        return traced_choice(x.device.type, x.device.index, x.dtype, _channels_last(x),
                              firsts[0].shape[1], firsts[0].shape[0], T, lasts[0].shape[0], (kh, kw),
                              bias is not None, (geom.group_sizes, geom.group_size, geom.stride,
                                                 geom.padding, geom.dilation), tuple(needs))

@@ -44,6 +44,7 @@ def _triton_version() -> str:
         return "none"
 
 
+@functools.lru_cache(maxsize=None)
 def _package_version() -> str:
     try:
         return metadata.version("gross-kernels")

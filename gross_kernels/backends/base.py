@@ -87,10 +87,6 @@ class Backend(abc.ABC):
         """Whether a training forward of the layer op keeps u = A·x and z = core(u) for its backward."""
         return False
 
-    def activation_layout(self, x, geom):
-        """Memory format of the kept u, z (None: x's own)."""
-        return None
-
     @abc.abstractmethod
     def series_call(self, x, cores, geom):
         """The series op's forward: z = Σ_active conv2d(x, cores[i], groups=S/g_i)."""
@@ -216,9 +212,8 @@ class Kernels(Backend):
         fmt = _layout.format_of(x)
         if training and self.keeps_activations(x, A, cores, C, geom):
             y, u, z = self.bottleneck_forward_saving(x, A, cores, C, bias, geom)
-            layout = self.activation_layout(x, geom) or fmt
             return (_layout.to_memory_format(y, fmt),
-                    [_layout.to_memory_format(u, layout), _layout.to_memory_format(z, layout)])
+                    [_layout.to_memory_format(u, fmt), _layout.to_memory_format(z, fmt)])
         return _layout.to_memory_format(self.bottleneck_forward(x, A, cores, C, bias, geom), fmt), []
 
     def layer_backward_call(self, grad_y, x, A, cores, C, bias, geom, needs, activations):
