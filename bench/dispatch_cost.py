@@ -8,7 +8,6 @@ Prints, per pass, the first (deciding) step's seconds beside the median of the l
 `gk.dispatch_report()`; writes the report rows as JSON.
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -18,35 +17,20 @@ from datetime import datetime, timezone
 import torch
 
 import gross_kernels as gk
-from gross import config, models
-from gross.decompose import convert
-
-INPUT = {"four_layer": (3, 32, 32), "vgg16_cifar": (3, 32, 32), "resnet18": (3, 224, 224),
-         "vgg16_imagenet": (3, 224, 224)}
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def search_space_model(name, device):
-    """The paper's network with its default spec as randomly initialised series, rest frozen."""
-    model = convert(models.build(name), models.default_spec(name), init="random", progress=False)
-    series = {id(p) for layer in config.series_layers(model).values() for p in layer.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in series)
-    return model.to(device)
+from gpu_stages import throughput
+from gross_kernels.files import atomic_write_json
+from kernels import sync
+from macs_table import INPUT
 
 
 def timed_steps(fn, steps, device):
     """Seconds of each of `steps` calls of fn."""
     out = []
     for _ in range(steps):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         out.append(time.perf_counter() - start)
     return out
 
@@ -63,40 +47,29 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model = search_space_model(args.model, device)
-    space = config.config_space(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
-    x = torch.randn(args.batch, *INPUT[args.model], device=device)
-    target = torch.randint(0, 10, (args.batch,), device=device)
+    channels, res, _ = INPUT[args.model]
+    model = throughput.build(args.model, "auto", device)
+    train_step, _ = throughput.training_step(args.model, model, device, args.batch, res)
+    x = torch.randn(args.batch, channels, res, res, device=device)
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {args.model}, batch {args.batch}, "
           f"{device} ({gk.backends.device_name(device)}), {args.threads} threads, torch "
           f"{torch.__version__}, load average {os.getloadavg()[0]:.1f}")
     print("| configuration | pass | first step s | later steps s (median) |\n|---|---|---:|---:|")
 
-    def train_step():
-        optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), target).backward()
-        optimizer.step()
-
     def inference():
         with torch.no_grad():
             model(x)
 
-    depth = max(len(sizes) for sizes in space.values())
-    for j in range(depth):
-        config.set_config(model, {n: sizes[min(j, len(sizes) - 1)] for n, sizes in space.items()})
-        for label, fn in (("train", train_step), ("inference", inference)):
+    for j, config in enumerate(throughput.levels(model)):
+        for label, fn in (("train", lambda: train_step(config)), ("inference", inference)):
             times = timed_steps(fn, args.steps, device)
             print(f"| size index {j} | {label} | {times[0]:.2f} | {statistics.median(times[1:]):.2f} |",
                   flush=True)
     print()
-    rows = gk.dispatch_report()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"date": datetime.now(timezone.utc).isoformat(), "machine": platform.platform(),
-                   "model": args.model, "batch": args.batch, "threads": args.threads,
-                   "rows": rows}, f, indent=1)
+    atomic_write_json(args.out, {"date": datetime.now(timezone.utc).isoformat(),
+                                 "machine": platform.platform(), "model": args.model,
+                                 "batch": args.batch, "threads": args.threads,
+                                 "rows": gk.dispatch_report()})
 
 
 if __name__ == "__main__":

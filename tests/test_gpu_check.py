@@ -202,15 +202,15 @@ def test_correctness_check_catches_unwritten_and_wrong_outputs(monkeypatch, faul
 
 
 def test_dispatch_stage_records_the_report_as_it_grows(monkeypatch, tmp_path):
-    # Until issue 13 lands gk.dispatch_report, a stand-in shows the stage's path and its table.
+    # A stand-in for gk.dispatch_report shows the stage's path and its table.
     from gpu_stages import dispatch
 
     calls = []
 
-    def report():
-        calls.append(1)
+    def report(show=True):
+        calls.append(show)
         return [{"signature": {"shape": [2, 3]}, "candidates": {"reference": {"ms": 1.5}},
-                 "winner": "reference"}]
+                 "winner": "reference", "key": "one signature"}]
 
     monkeypatch.setattr(gk, "dispatch_report", report, raising=False)
     ctx = _context(tmp_path, deadline_s=600.0)
@@ -218,6 +218,7 @@ def test_dispatch_stage_records_the_report_as_it_grows(monkeypatch, tmp_path):
     items = ctx.data["items"]
     assert items and all(row["status"] == "ok" for row in items.values())
     assert len(calls) == len(items) == len(ctx.data["planned"])
+    assert not any(calls)  # recorded, not printed into the stage's log each time
     table = dispatch.render(ctx.data)
     assert "| signature | candidates | winner |" in table and "reference: ms: 1.5" in table
     assert dispatch.summary(ctx.data) == "1 signatures; winners: reference ×1"

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from gross import config as gconfig
 from gross import convert, export, models, train
+from gross.decompose.model import replace_module
 from kernels import sync
 from naive_gross import ReleasedSeries
 
@@ -37,9 +38,7 @@ def build(name, variant, device):
         convert(model, models.default_spec(name), init="random", progress=False)
         for layer_name, layer in gconfig.series_layers(model).items():
             if variant == "naive":
-                parent, _, child = layer_name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child,
-                        ReleasedSeries(layer))
+                replace_module(model, layer_name, ReleasedSeries(layer))
             else:
                 layer.backend = variant
     return model.to(device)

@@ -31,8 +31,7 @@ def describe_device(device):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine")
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return {"type": "cuda", "name": torch.cuda.get_device_name(index)}
+        return {"type": "cuda", "name": device_name(device)}
     if device.type == "cpu":
         return {"type": "cpu", "name": device_name(device), "threads": torch.get_num_threads()}
     raise ValueError(f"device must be 'cpu' or 'cuda[:N]' (timed with CUDA events), got {str(device)!r}")
@@ -356,13 +355,11 @@ def profile(model, input_size, *, batch_size=1, dtype=torch.float32, device="cpu
             exported[name] = {}
             for g in layer.group_sizes:
                 layer.group_size = g
-                exported[name][g] = layer.export().to(device=device, dtype=dtype).train(backward)
+                exported[name][g] = (layer.export().to(device=device, dtype=dtype).train(backward)
+                                     .requires_grad_(backward))
         plain = to_plain(model).to(device=device, dtype=dtype).train(backward).requires_grad_(backward)
     finally:
         set_config(model, previous)
-    for sizes in exported.values():
-        for module in sizes.values():
-            module.requires_grad_(backward)
 
     def place(config):
         for name, g in config.items():
