@@ -4,8 +4,6 @@ import json
 import os
 import sys
 
-import yaml
-
 from gross.settings import load_config, shipped_configs, yaml_load
 
 
@@ -30,13 +28,11 @@ def _model_from(exp, checkpoint_path, default):
 
 def _yaml_arg(text, option):
     """A command-line value given as YAML inline or as the path of a YAML file."""
-    try:
-        if os.path.isfile(text):
-            with open(text) as f:
-                return yaml_load(f)
-        return yaml_load(text)
-    except yaml.YAMLError as err:
-        raise ValueError(f"{option} {text!r}: not valid YAML ({str(err).splitlines()[0]})") from err
+    what = f"{option} {text!r}"
+    if os.path.isfile(text):
+        with open(text) as f:
+            return yaml_load(f, what)
+    return yaml_load(text, what)
 
 
 def _group_config(exp, model, text):

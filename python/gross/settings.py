@@ -367,9 +367,15 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9
                               list("-+0123456789"))
 
 
-def yaml_load(stream):
-    """Parse YAML text or a file object (safe types only; `1e-3` is a float)."""
-    return yaml.load(stream, Loader=_Loader)
+def yaml_load(stream, what=None):
+    """Parse YAML text or a file object (safe types only; `1e-3` is a float); given `what`, a
+    syntax error becomes one ValueError line that names it."""
+    try:
+        return yaml.load(stream, Loader=_Loader)
+    except yaml.YAMLError as err:
+        if what is None:
+            raise
+        raise ValueError(f"{what}: not valid YAML ({str(err).splitlines()[0]})") from err
 
 
 def shipped_configs():
@@ -419,11 +425,8 @@ def apply_override(cfg, text):
 def load_config(name, overrides=(), device=None, data_root=None, out=None):
     """An experiment config (a file or a shipped name) as a checked mapping, with `--set` overrides and options applied."""
     path = config_path(name)
-    try:
-        with open(path) as f:
-            cfg = yaml_load(f)
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    with open(path) as f:
+        cfg = yaml_load(f, path)
     from_dict(cfg, path)
     cfg = _with_sections(dict(cfg))
     for text in overrides:

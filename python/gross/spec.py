@@ -10,7 +10,6 @@ import json
 import os
 from collections.abc import Mapping
 
-import yaml
 from torch import nn
 
 from gross import models
@@ -99,11 +98,8 @@ def _mapping(setting, model_name):
         if not os.path.isfile(setting):
             raise ValueError(f"decompose.spec must be one of {list(NAMED)}, a mapping layer → "
                              f"{{group_sizes, bottleneck}} or a YAML file of one, got {setting!r} (no such file)")
-        try:
-            with open(setting) as f:
-                setting = yaml_load(f)
-        except yaml.YAMLError as err:
-            raise ValueError(f"decompose.spec {f.name!r}: not valid YAML ({str(err).splitlines()[0]})") from err
+        with open(setting) as f:
+            setting = yaml_load(f, f"decompose.spec {setting!r}")
     if not isinstance(setting, Mapping) or not setting:
         raise ValueError(f"decompose.spec must be a non-empty mapping layer → {{group_sizes, bottleneck}}, "
                          f"got {setting!r}")

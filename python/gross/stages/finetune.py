@@ -18,7 +18,7 @@ def alone(exp, config):
     A fresh series' partial sums at a size are that size's own BTD (gross.decompose.series), so
     this equals decomposing at `config` again, without running its BTDs a second time.
     """
-    model = copy.deepcopy(decomposed(exp))
+    model = decomposed(exp)  # a fresh model on every call: loaded or newly converted
     set_config(model, config, complete=True)
     for name, layer in series_layers(model).items():
         replace_module(model, name, single_term(layer, config[name]))
