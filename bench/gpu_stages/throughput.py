@@ -46,10 +46,7 @@ def build(name, variant, device):
 
 def levels(model):
     """Configurations that together visit every group size of every series layer once."""
-    space = gconfig.config_space(model)
-    depth = max((len(sizes) for sizes in space.values()), default=0)
-    return [{name: sizes[min(i, len(sizes) - 1)] for name, sizes in space.items()}
-            for i in range(depth)]
+    return gconfig.levels(gconfig.config_space(model))
 
 
 def training_step(name, model, device, batch, res):

@@ -19,6 +19,14 @@ def config_space(model):
     return {name: list(layer.group_sizes) for name, layer in series_layers(model).items()}
 
 
+def levels(space):
+    """Configurations of `space` ({layer: group sizes}) that together visit every group size of
+    every layer once: index j of each layer's sizes (clamped to its largest) for j = 0, 1, …"""
+    depth = max((len(sizes) for sizes in space.values()), default=0)
+    return [{name: sizes[min(j, len(sizes) - 1)] for name, sizes in space.items()}
+            for j in range(depth)]
+
+
 def validate_config(model, config, complete=False):
     """Check `config` against the model (names and group sizes); with complete=True every layer must be named."""
     if not isinstance(config, Mapping):

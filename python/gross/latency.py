@@ -10,7 +10,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from gross.config import config_space, get_config, series_layers, set_config
+from gross.config import config_space, get_config, levels, series_layers, set_config
 from gross.export import to_plain
 from gross.macs import _check_input_size
 from gross.search import AdditiveCost, config_key
@@ -367,8 +367,7 @@ def profile(model, input_size, *, batch_size=1, dtype=torch.float32, device="cpu
 
     example = torch.randn(batch_size, *input_size, device=device, dtype=dtype)
     shapes = _input_shapes(plain, list(space), example)
-    depth = max(len(sizes) for sizes in space.values())
-    references = [{name: sizes[min(j, len(sizes) - 1)] for name, sizes in space.items()} for j in range(depth)]
+    references = levels(space)
     checked = _random_configs(space, checks, references, seed)
 
     # Items are keyed (layer, group size) or by the configuration of the whole model.

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gross import distributed
-from gross.config import config_space, series_layers, set_config
+from gross.config import config_space, levels, series_layers, set_config
 from gross.macs import count_macs
 
 
@@ -243,10 +243,8 @@ class MacsTable(AdditiveCost):
         previous = {name: layer.group_size for name, layer in series_layers(model).items()}
         self.per_layer = {name: {} for name in space}
         try:
-            depth = max((len(sizes) for sizes in space.values()), default=0)
-            for j in range(max(depth, 1)):
-                # Index j of every layer at once (clamped to its largest size): one count per index.
-                config = {name: sizes[min(j, len(sizes) - 1)] for name, sizes in space.items()}
+            # Index j of every layer at once (clamped to its largest size): one count per index.
+            for j, config in enumerate(levels(space) or [{}]):
                 set_config(model, config)
                 total, rows = count_macs(model, input_size, per_layer=True)
                 layers = {}
